@@ -1,0 +1,166 @@
+"""CPU training of the embedded diffusion models (DDPM epsilon objective).
+
+Deterministic and resumable: every step's batch, timesteps and noise come from a generator seeded by
+(seed, step), so a run interrupted and resumed from its last checkpoint ends with the same weights as an
+uninterrupted one. Checkpoints are safetensors (model, EMA, optimizer moments) plus a JSON step counter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .paths import atomic_write_json
+
+
+@dataclass
+class TrainConfig:
+    """How an embedded model is trained. Saved beside its weights (``embedded.json``)."""
+
+    steps: int = 3000
+    batch_size: int = 128
+    lr: float = 2e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    cond_dropout: float = 0.1  # class/text conditioning dropped to the null condition (enables CFG)
+    grad_clip: float = 1.0
+    checkpoint_every: int = 250
+    seed: int = 0
+    num_threads: int = 0  # 0 = leave torch's default
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def _lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up then cosine decay to 10 %."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _save_checkpoint(folder: Path, model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer, state: TrainState):
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v.detach().contiguous() for k, v in ema.state_dict().items()})
+    for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
+        st = opt.state.get(p, {})
+        for name in ("exp_avg", "exp_avg_sq"):
+            if name in st:
+                tensors[f"opt.{i}.{name}"] = st[name].contiguous()
+        if "step" in st:
+            tensors[f"opt.{i}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "checkpoint.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    tmp.replace(folder / "checkpoint.safetensors")
+    atomic_write_json(folder / "checkpoint.json", asdict(state))
+
+
+def _load_checkpoint(folder: Path, model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer) -> TrainState | None:
+    ck, meta = folder / "checkpoint.safetensors", folder / "checkpoint.json"
+    if not (ck.is_file() and meta.is_file()):
+        return None
+    tensors = load_file(str(ck))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
+        if f"opt.{i}.exp_avg" in tensors:
+            opt.state[p] = {
+                "step": tensors[f"opt.{i}.step"].reshape(()),
+                "exp_avg": tensors[f"opt.{i}.exp_avg"],
+                "exp_avg_sq": tensors[f"opt.{i}.exp_avg_sq"],
+            }
+    return TrainState(**json.loads(meta.read_text()))
+
+
+def train_denoiser(
+    model: nn.Module,
+    ema: nn.Module,
+    forward: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    conds: torch.Tensor | None,
+    null_cond: torch.Tensor | None,
+    alphas_cumprod: torch.Tensor,
+    cfg: TrainConfig,
+    work_dir: Path,
+    desc: str = "train",
+) -> TrainState:
+    """Train ``model`` to predict the noise added to ``images`` (N, C, H, W in [-1, 1]).
+
+    ``forward(model, x_t, t, cond)`` returns the predicted noise; ``conds`` holds one condition per image
+    (class ids or token embeddings) and ``null_cond`` the unconditional one, used with prob ``cond_dropout``.
+    Resumes from ``work_dir/checkpoint.*`` when present.
+    """
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state = _load_checkpoint(work_dir, model, ema, opt) or TrainState()
+    n = len(images)
+    num_t = len(alphas_cumprod)
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=state.step, desc=desc, unit="step")
+    t_start = time.time() - state.seconds
+    while state.step < cfg.steps:
+        g = _step_generator(cfg.seed, state.step)
+        idx = torch.randint(0, n, (cfg.batch_size,), generator=g)
+        t = torch.randint(0, num_t, (cfg.batch_size,), generator=g)
+        x0 = images[idx]
+        noise = torch.randn(x0.shape, generator=g)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        cond = None
+        if conds is not None:
+            cond = conds[idx].clone()
+            drop = torch.rand(cfg.batch_size, generator=g) < cfg.cond_dropout
+            if drop.any():
+                cond[drop] = null_cond.to(cond.dtype)
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(cfg, state.step)
+        loss = (forward(model, x_t, t, cond) - noise).pow(2).mean()
+        if not torch.isfinite(loss):
+            raise TrainingError(f"{desc}: loss became {loss.item()} at step {state.step}; last checkpoint kept in {work_dir}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            decay = min(cfg.ema_decay, (1 + state.step) / (10 + state.step))
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - decay)
+        state.step += 1
+        state.losses.append(loss.item())
+        state.seconds = time.time() - t_start
+        bar.update(1)
+        if state.step % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(state.losses[-20:]):.4f}")
+        if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
+            _save_checkpoint(work_dir, model, ema, opt, state)
+    bar.close()
+    model.eval()
+    ema.eval()
+    return state

@@ -1,0 +1,74 @@
+"""House rules: clean notebooks with a parameters cell, pins in sync, runner behaviour."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from revelio_nb import runner
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def test_there_are_notebooks():
+    assert [p.name[:2] for p in NOTEBOOKS][:2] == ["00", "01"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_clean_with_parameters_first(path):
+    nb = json.loads(path.read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert code, f"{path.name} has no code"
+    assert "parameters" in code[0].get("metadata", {}).get("tags", []), f"{path.name}: first code cell must be tagged parameters"
+    assert "run_dir" in "".join(code[0]["source"]), f"{path.name}: parameters must include run_dir"
+    for c in code:
+        assert not c.get("outputs") and c.get("execution_count") is None, f"{path.name} is committed with outputs"
+        assert len("".join(c["source"]).splitlines()) <= 20, f"{path.name}: a cell over 20 lines is a missing function"
+
+
+def test_smoke_profile_names_existing_notebooks():
+    table = yaml.safe_load((REPO / "notebooks" / "smoke.yaml").read_text())
+    names = {p.name for p in NOTEBOOKS}
+    assert set(table) - {"_all"} <= names
+    assert names <= set(table), f"notebooks without smoke parameters: {names - set(table)}"
+
+
+def test_environment_yml_pins_match_requirements():
+    req = {l.strip() for l in (REPO / "requirements.txt").read_text().splitlines() if l.strip() and not l.startswith("#")}
+    env = yaml.safe_load((REPO / "environment.yml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert set(pip) == req
+    assert "torch==2.13.0" in req
+
+
+def test_runner_selection_and_profiles(tmp_path):
+    nb_dir = REPO / "notebooks"
+    assert [p.name for p in runner.find_notebooks(nb_dir, ["01"])] == ["01_extract_features.ipynb"]
+    with pytest.raises(ValueError, match="available"):
+        runner.find_notebooks(nb_dir, ["42"])
+    assert runner.profile_parameters(nb_dir, "full", "01_extract_features.ipynb") == {}
+    assert runner.profile_parameters(nb_dir, "smoke", "01_extract_features.ipynb")["max_images"] > 0
+    with pytest.raises(ValueError, match="choices: \\['full', 'smoke'"):
+        runner.profile_parameters(nb_dir, "tiny", "01_extract_features.ipynb")
+
+
+def test_runner_executes_and_times(tmp_path):
+    """A real papermill run of a one-cell notebook: parameters injected, timings written."""
+    import sys
+    sys.path.insert(0, str(REPO))
+    from tools.nbbuild import write_notebook
+
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    write_notebook(nbs / "00_hello.ipynb", [("params", "run_dir = 'x'\nvalue = 1"),
+                                            ("code", "from pathlib import Path\n(Path(run_dir) / 'tables' / 'v.txt').write_text(str(value))")])
+    (nbs / "smoke.yaml").write_text("00_hello.ipynb: {value: 7}\n")
+    table = runner.run_notebooks(runner.RunConfig(run=str(tmp_path / "out"), profile="smoke", notebooks_dir=nbs))
+    assert (tmp_path / "out" / "tables" / "v.txt").read_text() == "7"
+    assert table.status.tolist() == ["ok"] and (tmp_path / "out" / "tables" / "timings.csv").is_file()
+    write_notebook(nbs / "01_fail.ipynb", [("params", "run_dir = 'x'"), ("code", "raise ValueError('boom')")])
+    with pytest.raises(RuntimeError, match="01_fail.ipynb failed"):
+        runner.run_notebooks(runner.RunConfig(run=str(tmp_path / "out2"), notebooks_dir=nbs))
+    assert (tmp_path / "out2" / "tables" / "timings.csv").read_text().count("failed") == 1
