@@ -519,8 +519,11 @@ def extract_features(
         return store
 
     todo = [c for c in (range(store.manifest["n_chunks"]) if chunks is None else chunks) if c not in store.done_chunks()]
-    with _writing(path, "the feature arrays"):
-        arrays = {k: np.load(path / m["file"], mmap_mode="r+") for k, m in store.manifest["arrays"].items()}
+    def open_arrays() -> dict[str, np.memmap]:  # per chunk: pages written before are unmapped, so RSS stays flat
+        with _writing(path, "the feature arrays"):
+            return {k: np.load(path / m["file"], mmap_mode="r+") for k, m in store.manifest["arrays"].items()}
+
+    open_arrays()  # fail early (before any forward pass) when the folder is not writable
     cs = store.manifest["chunk_size"]
     micro = _MicroBatch(cs)
     autocast_dtype = PRECISIONS[cfg.precision]
@@ -533,6 +536,7 @@ def extract_features(
             x0 = torch.cat(micro.run(lambda s: model.encode_images(images[s]), len(idx), "encode"))
             cond = _conditioning(model, cfg, len(idx))
             sums = {}
+            arrays = open_arrays()
             for t in timesteps:
                 acc: dict[str, torch.Tensor] = {}
                 for draw in range(cfg.n_noise):
@@ -558,10 +562,10 @@ def extract_features(
                 for key, arr in arrays.items():
                     arr.flush()
                     sums[key] = _sha(arr[rows])
+            del arrays
             rec.record(c, sums)
             bar.update(len(idx))
     bar.close()
-    del arrays
     if coordinator and len(store.done_chunks()) == store.manifest["n_chunks"]:
         store.manifest["status"] = "complete"
         store.manifest["completed"] = time.strftime("%Y-%m-%dT%H:%M:%S")
