@@ -1,0 +1,860 @@
+"""TopK sparse autoencoders (k-SAEs) in plain PyTorch: no Triton, sparse decode and sparse encoder backward.
+
+z = TopK(ReLU(W_enc (x - b_dec) + b_enc)),  x_hat = W_dec^T z + b_dec.
+
+* Decode is an ``embedding_bag`` over the k selected rows of ``W_dec`` weighted by their activations.
+* The encoder is one autograd function: forward = GEMM + top-k (on CPU an exact two-stage search done in
+  cache-sized row chunks); backward touches only the k selected latents per row (``embedding_bag`` for the
+  input gradient, a sorted segment sum for ``W_enc``).
+* Checkpoints use EleutherAI sparsify's layout (``cfg.json`` + ``sae.safetensors``); our extras are extra
+  ``cfg.json`` keys. Nothing is ever pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .paths import atomic_write_json, config_hash
+
+TOKEN_MODES = ("auto", "pooled", "spatial")
+B_DEC_INITS = ("median", "mean", "zeros")
+# sparsify's SparseCoderConfig fields we write so that its loader accepts the folder.
+_SPARSIFY_KEYS = ("activation", "expansion_factor", "normalize_decoder", "num_latents", "k", "multi_topk",
+                  "skip_connection", "transcode")
+# On CPU the encoder GEMM + top-k run on row chunks of about this many pre-activations (fits in L3).
+CPU_CHUNK_ELEMS = 1 << 23
+
+
+class SaeError(ValueError):
+    """A bad SAE configuration, checkpoint or input."""
+
+
+class SaeTrainingError(RuntimeError):
+    """Training stopped (non-finite features or loss); the last good checkpoint is left untouched."""
+
+    def __init__(self, message: str, step: int, last_checkpoint_step: int | None):
+        super().__init__(message)
+        self.step = step
+        self.last_checkpoint_step = last_checkpoint_step
+
+
+# --------------------------------------------------------------------------------------------------- configs
+@dataclass
+class SaeConfig:
+    """Architecture of a k-SAE. Written to ``cfg.json`` (sparsify keys + our extras)."""
+
+    d_in: int = 0
+    """Input width; 0 = taken from the features at training time."""
+    expansion_factor: int = 16
+    num_latents: int = 0
+    """0 = ``d_in * expansion_factor``."""
+    k: int = 32
+    normalize_decoder: bool = True
+    """Keep decoder rows at unit norm (and remove the gradient parallel to them)."""
+    normalize_input: bool = True
+    """Divide inputs by a power-of-two scale so the mean squared centred norm is about ``d_in``. The scale is
+    folded exactly into the saved weights, so the sparsify folder works on raw features."""
+    b_dec_init: str = "median"
+    """``median`` (geometric), ``mean`` or ``zeros``."""
+    tokens: str = "auto"
+    """``pooled`` (one vector per image), ``spatial`` (one token per position) or ``auto`` (from the features)."""
+    hookpoint: str = ""
+    timestep: int | None = None
+    model_id: str = ""
+    activation: str = "topk"
+    """Only ``topk``; kept for sparsify compatibility."""
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise SaeError(f"k must be >= 1, got {self.k}")
+        if self.b_dec_init not in B_DEC_INITS:
+            raise SaeError(f"b_dec_init={self.b_dec_init!r}; valid: {B_DEC_INITS}")
+        if self.tokens not in TOKEN_MODES:
+            raise SaeError(f"tokens={self.tokens!r}; valid: {TOKEN_MODES}")
+        if self.activation != "topk":
+            raise SaeError(f"activation={self.activation!r}; only 'topk' is implemented")
+        if self.num_latents < 0 or self.expansion_factor < 1 or self.d_in < 0:
+            raise SaeError(f"bad sizes: d_in={self.d_in}, num_latents={self.num_latents}, "
+                           f"expansion_factor={self.expansion_factor}")
+
+    def resolved(self, d_in: int | None = None) -> "SaeConfig":
+        """Copy with ``d_in`` and ``num_latents`` filled in (``d_in`` from the features if unset)."""
+        d = self.d_in or (d_in or 0)
+        if d_in is not None and self.d_in and self.d_in != d_in:
+            raise SaeError(f"SaeConfig.d_in={self.d_in} but the features have width {d_in}")
+        if d < 1:
+            raise SaeError("d_in is unknown: set SaeConfig.d_in or pass features")
+        m = self.num_latents or d * self.expansion_factor
+        if self.k > m:
+            raise SaeError(f"k={self.k} exceeds num_latents={m}")
+        return SaeConfig(**{**asdict(self), "d_in": d, "num_latents": m})
+
+
+@dataclass
+class TrainConfig:
+    """Training hyper-parameters; saved as ``train_cfg.json`` beside the weights."""
+
+    sae: SaeConfig = field(default_factory=SaeConfig)
+    batch_size: int = 4096
+    """Tokens per step (capped at the number of tokens)."""
+    steps: int = 0
+    """Optimizer steps; 0 = ``ceil(epochs * tokens / batch_size)``."""
+    epochs: float = 10.0
+    lr: float | None = None
+    """None = 2e-4 / sqrt(num_latents / 2**14) (Gao et al. 2024)."""
+    warmup_steps: int = 1000
+    """Linear warm-up, capped at 10% of the steps."""
+    decay_fraction: float = 0.2
+    """Linear decay to zero over this final fraction of the steps (0 = constant after warm-up)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 6.25e-10
+    auxk_alpha: float = 1 / 32
+    dead_tokens_threshold: int = 0
+    """A latent is dead after this many tokens without firing; 0 = min(10M, tokens in one epoch)."""
+    init_tokens: int = 16384
+    """Tokens (the first of the training order) used to initialise b_dec and the input scale."""
+    seed: int = 0
+    checkpoint_every: int = 1000
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sae, dict):
+            self.sae = SaeConfig(**self.sae)
+        self.betas = tuple(self.betas)
+        for name in ("batch_size", "checkpoint_every", "init_tokens"):
+            if getattr(self, name) < 1:
+                raise SaeError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.steps < 0 or self.epochs <= 0 and self.steps == 0:
+            raise SaeError(f"set steps > 0 or epochs > 0 (got steps={self.steps}, epochs={self.epochs})")
+        if not 0 <= self.decay_fraction <= 1:
+            raise SaeError(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
+
+
+# ---------------------------------------------------------------------------------------- sparse kernels
+def _topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Unsorted top-k along dim 1. On CPU an exact hierarchical search over strided groups.
+
+    Group j of size g holds latents {j, j + G, ..., j + (g-1) G}. The k largest entries always lie in the k groups
+    with the largest maxima, so: group maxima (one vectorised pass) -> top-k groups (recursively) -> top-k of
+    their g*k members. Equals ``topk`` up to order and ties, at a fraction of its cost on wide CPU rows.
+    """
+    b, m = pre.shape
+    g = 8
+    while g > 1 and (m % g or m // g < 16 * k):
+        g //= 2
+    if pre.device.type != "cpu" or g == 1:
+        return pre.topk(k, dim=1, sorted=False)
+    n_groups = m // g
+    groups = pre.view(b, g, n_groups)
+    _, gsel = _topk(groups.amax(1), k)
+    cand = groups.gather(2, gsel.unsqueeze(1).expand(b, g, k)).reshape(b, g * k)
+    vals, c = cand.topk(k, dim=1, sorted=False)
+    return vals, (c // k) * n_groups + gsel.gather(1, c % k)
+
+
+def _encode_select(x: Tensor, weight: Tensor, bias: Tensor, k: int, aux_latents: Tensor | None, k_aux: int):
+    """ReLU(x W^T + b) -> top-k (values, indices), plus the top-k_aux among ``aux_latents``; no [B, M] tensor kept."""
+    b, m = x.shape[0], weight.shape[0]
+    chunk = max(1, CPU_CHUNK_ELEMS // m) if x.device.type == "cpu" else b
+    top_acts = x.new_empty(b, k)
+    top_idx = torch.empty(b, k, dtype=torch.long, device=x.device)
+    use_aux = aux_latents is not None and k_aux > 0
+    aux_acts = x.new_empty(b, k_aux if use_aux else 0)
+    aux_idx = torch.empty(b, aux_acts.shape[1], dtype=torch.long, device=x.device)
+    buf = x.new_empty(min(chunk, b), m) if chunk < b else None
+    wt = weight.t()
+    for s in range(0, b, chunk):
+        e = min(b, s + chunk)
+        pre = torch.addmm(bias, x[s:e], wt, out=buf[: e - s]) if buf is not None else torch.addmm(bias, x[s:e], wt)
+        top_acts[s:e], top_idx[s:e] = _topk(pre, k)
+        if use_aux:
+            v, i = _topk(pre.index_select(1, aux_latents), k_aux)
+            aux_acts[s:e], aux_idx[s:e] = v, aux_latents[i]
+    return top_acts.clamp_min_(0), top_idx, aux_acts.clamp_min_(0), aux_idx
+
+
+def _segment_matmul(idx: Tensor, w: Tensor, src: Tensor, m: int) -> Tensor:
+    """out[l] = sum over (b, j) with idx[b, j] == l of w[b, j] * src[b]: sort by latent, then one embedding_bag."""
+    kk = idx.shape[1]
+    flat = idx.reshape(-1)
+    _, order = torch.sort(flat, stable=True)  # stable sort is a radix sort on CPU (fast); plain argsort is not
+    counts = torch.bincount(flat, minlength=m)
+    offsets = counts.cumsum(0) - counts
+    return F.embedding_bag(order // kk, src, offsets, mode="sum", per_sample_weights=w.reshape(-1)[order].to(src.dtype))
+
+
+def _row_dots(table: Tensor, idx: Tensor, vec: Tensor) -> Tensor:
+    """out[b, j] = <table[idx[b, j]], vec[b]>: a sampled dense-dense product (SDDMM), never gathering [B, k, d]."""
+    b, kk = idx.shape
+    try:
+        sidx, perm = idx.sort(dim=1)
+        crow = torch.arange(0, b * kk + 1, kk, device=idx.device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+            pattern = torch.sparse_csr_tensor(crow, sidx.reshape(-1), vec.new_zeros(b * kk), (b, table.shape[0]))
+            out = torch.sparse.sampled_addmm(pattern, vec, table.t(), beta=0.0).values().view(b, kk)
+        return torch.empty_like(out).scatter_(1, perm, out)
+    except (RuntimeError, NotImplementedError):  # no SDDMM for this device/dtype: embedding_bag's own kernel
+        offsets = torch.arange(0, b * kk, kk, device=idx.device)
+        bag = torch.arange(b, device=idx.device).repeat_interleave(kk)
+        out = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            vec, table, idx.reshape(-1), offsets, bag, 0, -1)
+        return out.view(b, kk)
+
+
+class _TopKEncoder(torch.autograd.Function):
+    """Fused encoder: returns (top_acts, top_idx, aux_acts, aux_idx); the backward is sparse."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, k: int, aux_latents, k_aux: int):
+        top_acts, top_idx, aux_acts, aux_idx = _encode_select(x, weight, bias, k, aux_latents, k_aux)
+        ctx.save_for_backward(x, weight, top_acts, top_idx, aux_acts, aux_idx)
+        ctx.mark_non_differentiable(top_idx, aux_idx)
+        return top_acts, top_idx, aux_acts, aux_idx
+
+    @staticmethod
+    def backward(ctx, g_top, _g_idx, g_aux, _g_aux_idx):
+        x, weight, top_acts, top_idx, aux_acts, aux_idx = ctx.saved_tensors
+        g = g_top * (top_acts > 0)  # ReLU gradient
+        idx = top_idx
+        if aux_idx.shape[1] and g_aux is not None:
+            g = torch.cat([g, g_aux * (aux_acts > 0)], 1)
+            idx = torch.cat([top_idx, aux_idx], 1)
+        g = g.to(weight.dtype)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(idx, weight, mode="sum", per_sample_weights=g)
+        if ctx.needs_input_grad[1]:
+            grad_w = _segment_matmul(idx, g, x, weight.shape[0])
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+            grad_b.index_add_(0, idx.reshape(-1), g.reshape(-1))
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+class _SparseDecode(torch.autograd.Function):
+    """y[b] = sum_j acts[b, j] * W_dec[idx[b, j]], with a sparse backward for acts and W_dec."""
+
+    @staticmethod
+    def forward(ctx, acts, idx, w_dec):
+        ctx.save_for_backward(acts, idx, w_dec)
+        return F.embedding_bag(idx, w_dec, mode="sum", per_sample_weights=acts.to(w_dec.dtype))
+
+    @staticmethod
+    def backward(ctx, gy):
+        acts, idx, w_dec = ctx.saved_tensors
+        gy = gy.contiguous()
+        g_acts = _row_dots(w_dec, idx, gy).to(acts.dtype) if ctx.needs_input_grad[0] else None
+        g_w = _segment_matmul(idx, acts, gy, w_dec.shape[0]) if ctx.needs_input_grad[2] else None
+        return g_acts, None, g_w
+
+
+def sparse_decode(acts: Tensor, idx: Tensor, w_dec: Tensor) -> Tensor:
+    """sum_j acts[..., j] * w_dec[idx[..., j]] (no bias)."""
+    if acts.shape[-1] == 0:
+        return acts.new_zeros(*acts.shape[:-1], w_dec.shape[1])
+    return _SparseDecode.apply(acts, idx, w_dec)
+
+
+def dense_decode(acts: Tensor, idx: Tensor, w_dec: Tensor) -> Tensor:
+    """Reference: scatter into a dense [B, M] code, then a GEMM."""
+    z = acts.new_zeros(acts.shape[0], w_dec.shape[0]).scatter(1, idx, acts)
+    return z @ w_dec
+
+
+# ------------------------------------------------------------------------------------------------- model
+class EncoderOutput(NamedTuple):
+    top_acts: Tensor
+    """[B, k] activations of the selected latents (post-ReLU, may contain zeros)."""
+    top_idx: Tensor
+    """[B, k] latent indices."""
+
+
+class ForwardOutput(NamedTuple):
+    x_hat: Tensor
+    top_acts: Tensor
+    top_idx: Tensor
+    fvu: Tensor
+    auxk_loss: Tensor
+    num_dead: int
+
+
+class SparseAutoencoder(nn.Module):
+    """TopK SAE with sparsify's parameter names: ``encoder.weight``, ``encoder.bias``, ``W_dec``, ``b_dec``.
+
+    Parameters live in normalised input space (x / ``input_scale``); ``encode``/``decode``/``forward`` take and
+    return raw features.
+    """
+
+    def __init__(self, cfg: SaeConfig, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.cfg = cfg.resolved()
+        self.d_in, self.num_latents, self.k = self.cfg.d_in, self.cfg.num_latents, self.cfg.k
+        self.input_scale = 1.0
+        self.grid: tuple[int, int] | None = None
+        self.encoder = nn.Linear(self.d_in, self.num_latents, device=device, dtype=dtype)
+        self.encoder.bias.data.zero_()
+        self.W_dec = nn.Parameter(self.encoder.weight.data.clone())
+        if self.cfg.normalize_decoder:
+            self.set_decoder_norm_to_unit_norm()
+        self.b_dec = nn.Parameter(torch.zeros(self.d_in, device=device, dtype=dtype))
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder.weight.dtype
+
+    def _check(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.d_in:
+            raise SaeError(f"input width {x.shape[-1]} != SAE d_in {self.d_in}")
+        x = x.to(self.device, self.dtype)
+        return x * (1.0 / self.input_scale) if self.input_scale != 1.0 else x
+
+    def encode(self, x: Tensor) -> EncoderOutput:
+        """Top-k latents of raw features x [..., d_in] -> (top_acts, top_idx), each [..., k]."""
+        lead = x.shape[:-1]
+        xc = self._check(x).reshape(-1, self.d_in) - self.b_dec
+        if torch.is_grad_enabled():
+            acts, idx, _, _ = _TopKEncoder.apply(xc, self.encoder.weight, self.encoder.bias, self.k, None, 0)
+        else:
+            acts, idx, _, _ = _encode_select(xc, self.encoder.weight, self.encoder.bias, self.k, None, 0)
+        return EncoderOutput(acts.reshape(*lead, self.k), idx.reshape(*lead, self.k))
+
+    def decode(self, top_acts: Tensor, top_idx: Tensor) -> Tensor:
+        """Raw-space reconstruction from a sparse code."""
+        lead = top_acts.shape[:-1]
+        y = sparse_decode(top_acts.reshape(-1, top_acts.shape[-1]), top_idx.reshape(-1, top_idx.shape[-1]), self.W_dec)
+        y = (y + self.b_dec).reshape(*lead, self.d_in)
+        return y * self.input_scale if self.input_scale != 1.0 else y
+
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None, *, dense: bool = False) -> ForwardOutput:
+        """Encode, decode, FVU and (given a dead-latent mask) the AuxK loss. ``dense=True``: naive reference path."""
+        xn = self._check(x).reshape(-1, self.d_in)
+        xc = xn - self.b_dec
+        num_dead = int(dead_mask.sum()) if dead_mask is not None else 0
+        k_aux = min(self.d_in // 2, num_dead)  # Gao et al., appendix B.1
+        dead_idx = dead_mask.nonzero().squeeze(1) if num_dead else None
+        if dense:
+            pre = F.relu(F.linear(xc, self.encoder.weight, self.encoder.bias))
+            top_acts, top_idx = pre.topk(self.k, dim=1, sorted=False)
+            if num_dead:
+                aux_acts, i = pre[:, dead_idx].topk(k_aux, dim=1, sorted=False)
+                aux_idx = dead_idx[i]
+            decode = dense_decode
+        else:
+            top_acts, top_idx, aux_acts, aux_idx = _TopKEncoder.apply(
+                xc, self.encoder.weight, self.encoder.bias, self.k, dead_idx, k_aux)
+            decode = sparse_decode
+        x_hat = decode(top_acts, top_idx, self.W_dec) + self.b_dec
+        e = xn - x_hat
+        total_var = (xn - xn.mean(0)).pow(2).sum()
+        fvu = e.pow(2).sum() / total_var
+        if num_dead:
+            e_hat = decode(aux_acts, aux_idx, self.W_dec)
+            auxk = min(num_dead / (self.d_in // 2 or 1), 1.0) * (e_hat - e.detach()).pow(2).sum() / total_var
+        else:
+            auxk = fvu.new_zeros(())
+        if self.input_scale != 1.0:
+            x_hat = x_hat * self.input_scale
+        return ForwardOutput(x_hat.reshape(x.shape), top_acts, top_idx, fvu, auxk, num_dead)
+
+    @torch.no_grad()
+    def set_decoder_norm_to_unit_norm(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True) + torch.finfo(self.W_dec.dtype).eps)
+
+    @torch.no_grad()
+    def remove_gradient_parallel_to_decoder_directions(self) -> None:
+        if self.W_dec.grad is not None:
+            par = torch.linalg.vecdot(self.W_dec.grad, self.W_dec.data)
+            self.W_dec.grad.addcmul_(par.unsqueeze(1), self.W_dec.data, value=-1.0)
+
+    # ---------------------------------------------------------------------------------------- save / load
+    def config_dict(self) -> dict[str, Any]:
+        """Contents of ``cfg.json``: sparsify's keys plus ours."""
+        c = asdict(self.cfg)
+        out = {key: c.get(key, False) for key in _SPARSIFY_KEYS}
+        out.update(d_in=self.d_in, num_latents=self.num_latents, k=self.k)
+        out.update({key: c[key] for key in ("normalize_input", "b_dec_init", "tokens", "hookpoint", "timestep",
+                                            "model_id")})
+        out.update(input_scale=self.input_scale, scale_folded_into_weights=True, grid=self.grid,
+                   format="sparsify", saved_by="revelio_nb.sae")
+        return out
+
+    def save(self, folder: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+        """Write ``cfg.json`` and ``sae.safetensors`` (sparsify layout, weights act on raw features)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        s = float(self.input_scale)  # power of two: folding is exact
+        tensors = {
+            "encoder.weight": self.encoder.weight.detach() / s,
+            "encoder.bias": self.encoder.bias.detach(),
+            "W_dec": self.W_dec.detach() * s,
+            "b_dec": self.b_dec.detach() * s,
+        }
+        tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+        tmp = folder / f".sae.safetensors.tmp{os.getpid()}"
+        save_file(tensors, str(tmp), metadata=metadata or {})
+        os.replace(tmp, folder / "sae.safetensors")
+        atomic_write_json(folder / "cfg.json", self.config_dict())
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, d_in: int | None = None,
+             device: str | torch.device = "cpu") -> "SparseAutoencoder":
+        """Load a sparsify-layout folder; ``d_in`` (the features' width) must match if given."""
+        folder = Path(folder)
+        cfg_path, st_path = folder / "cfg.json", folder / "sae.safetensors"
+        if not cfg_path.is_file() or not st_path.is_file():
+            raise SaeError(f"{folder} is not an SAE folder (needs cfg.json and sae.safetensors)")
+        raw = json.loads(cfg_path.read_text())
+        if d_in is not None and int(raw["d_in"]) != int(d_in):
+            raise SaeError(f"SAE in {folder} has d_in={raw['d_in']} but the features have width {d_in}")
+        names = {f.name for f in fields(SaeConfig)}
+        cfg = SaeConfig(**{k: v for k, v in raw.items() if k in names})
+        tensors = load_file(str(st_path), device="cpu")
+        model = cls(cfg, dtype=tensors["encoder.weight"].dtype)
+        expected = {"encoder.weight": (model.num_latents, model.d_in), "encoder.bias": (model.num_latents,),
+                    "W_dec": (model.num_latents, model.d_in), "b_dec": (model.d_in,)}
+        for key, shape in expected.items():
+            if key not in tensors or tuple(tensors[key].shape) != shape:
+                got = tuple(tensors[key].shape) if key in tensors else "missing"
+                raise SaeError(f"{st_path}: {key} has shape {got}, expected {shape}")
+        s = float(raw.get("input_scale", 1.0)) if raw.get("scale_folded_into_weights", False) else 1.0
+        with torch.no_grad():
+            model.encoder.weight.copy_(tensors["encoder.weight"] * s)
+            model.encoder.bias.copy_(tensors["encoder.bias"])
+            model.W_dec.copy_(tensors["W_dec"] / s)
+            model.b_dec.copy_(tensors["b_dec"] / s)
+        model.input_scale = s
+        model.grid = tuple(raw["grid"]) if raw.get("grid") else None
+        return model.to(device)
+
+
+def checkpoint_metadata(folder: str | os.PathLike) -> dict[str, str]:
+    """String metadata stored in ``sae.safetensors`` (e.g. the training step)."""
+    with safe_open(str(Path(folder) / "sae.safetensors"), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+# ------------------------------------------------------------------------------------------ data source
+def _memmap_file(array) -> tuple[str, int] | None:
+    """(file, offset) of a whole, C-ordered ``np.memmap`` (not a view of one), else None."""
+    if (isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap) and getattr(array, "filename", None)
+            and array.flags.c_contiguous):
+        return str(array.filename), int(array.offset)
+    return None
+
+
+class ArraySource:
+    """Tokens of a (memory-mapped) feature array, gathered in batches; the array is never loaded whole.
+
+    ``array`` is (N, D) (pooled: one token per row) or (N, C, H, W) (spatial: one C-dim token per position).
+    ``rows`` restricts to a subset of rows (e.g. the train split). Local token ``t`` is row ``rows[t // (H W)]``
+    at position ``t % (H W)`` (row-major h, w); :meth:`locate` maps tokens back to (row, h, w).
+
+    A ``np.memmap`` is read through a private mapping of the same file that is re-opened after about
+    ``remap_bytes`` of rows were touched: pages of a mapping count in the process's RSS for as long as it is open,
+    so this keeps RAM flat however large the store (the page cache still serves re-reads).
+    """
+
+    remap_bytes = 128 << 20
+
+    def __init__(self, array, rows=None):
+        if isinstance(array, Tensor):
+            array = array.detach().cpu().numpy()
+        if array.ndim not in (2, 4):
+            raise SaeError(f"features must be (N, D) or (N, C, H, W), got shape {tuple(array.shape)}")
+        self.array = array
+        n = array.shape[0]
+        self.rows = np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
+        if len(self.rows) == 0:
+            raise SaeError("no rows selected")
+        if self.rows.min() < 0 or self.rows.max() >= n:
+            raise SaeError(f"row indices must be in [0, {n}), got range [{self.rows.min()}, {self.rows.max()}]")
+        self.spatial = array.ndim == 4
+        self.d_in = int(array.shape[1])
+        self.grid = (int(array.shape[2]), int(array.shape[3])) if self.spatial else (1, 1)
+        self.positions = self.grid[0] * self.grid[1]
+        self.n_tokens = len(self.rows) * self.positions
+        self._file = _memmap_file(array)
+        self._map: np.memmap | None = None
+        self._touched = 0
+        self._row_bytes = int(np.prod(array.shape[1:])) * array.dtype.itemsize
+
+    def _data(self):
+        if self._file is None:
+            return self.array
+        if self._map is None or self._touched > self.remap_bytes:
+            self._map = None  # unmap first: its pages leave the RSS
+            self._map = np.memmap(self._file[0], dtype=self.array.dtype, mode="r", offset=self._file[1],
+                                  shape=self.array.shape)
+            self._touched = 0
+        return self._map
+
+    def __len__(self) -> int:
+        return self.n_tokens
+
+    def locate(self, tokens) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(array row, h, w) of local token ids."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        r, p = np.divmod(tokens, self.positions)
+        h, w = np.divmod(p, self.grid[1])
+        return self.rows[r], h, w
+
+    def gather(self, tokens) -> np.ndarray:
+        """Float32 (B, d_in) features of the given local token ids (pass them sorted for locality)."""
+        rows, h, w = self.locate(tokens)
+        data = self._data()
+        out = data[rows, :, h, w] if self.spatial else data[rows]
+        self._touched += len(np.unique(rows)) * self._row_bytes
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"shape": list(self.array.shape), "n_rows": len(self.rows), "n_tokens": self.n_tokens,
+                "rows_hash": config_hash(self.rows[:: max(1, len(self.rows) // 4096)].tolist())}
+
+
+def as_source(source, rows=None) -> ArraySource:
+    return source if isinstance(source, ArraySource) and rows is None else ArraySource(
+        source.array if isinstance(source, ArraySource) else source, rows)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix(v: np.ndarray, key: int) -> np.ndarray:
+    """SplitMix64-style hash of uint64 values with a key."""
+    z = v + np.uint64((int(key) * 0x9E3779B97F4A7C15) & _MASK64)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def permute(positions, n: int, key: int) -> np.ndarray:
+    """A keyed pseudo-random permutation of [0, n) evaluated at ``positions`` in O(1) memory (Feistel + cycle walk)."""
+    half = max(1, math.ceil(math.log2(max(n, 2)) / 2))
+    mask = np.uint64((1 << half) - 1)
+    keys = [int(k) for k in _mix(np.arange(4, dtype=np.uint64), key)]
+
+    def feistel(v: np.ndarray) -> np.ndarray:
+        left, right = v >> np.uint64(half), v & mask
+        for kk in keys:
+            left, right = right, left ^ (_mix(right, kk) & mask)
+        return (left << np.uint64(half)) | right
+
+    out = feistel(np.asarray(positions, dtype=np.uint64))
+    bad = out >= n
+    while bad.any():
+        out[bad] = feistel(out[bad])
+        bad = out >= n
+    return out.astype(np.int64)
+
+
+def batch_tokens(step: int, batch_size: int, n_tokens: int, seed: int) -> np.ndarray:
+    """Sorted local token ids of training batch ``step``: consecutive slices of one fresh permutation per epoch."""
+    pos = step * batch_size + np.arange(batch_size, dtype=np.int64)
+    epoch, within = np.divmod(pos, n_tokens)
+    out = np.empty(batch_size, dtype=np.int64)
+    for e in np.unique(epoch):
+        sel = epoch == e
+        out[sel] = permute(within[sel], n_tokens, key=seed * 1_000_003 + int(e))
+    out.sort()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- training
+def geometric_median(x: Tensor, iters: int = 200, tol: float = 1e-6) -> Tensor:
+    """Weiszfeld's algorithm."""
+    y = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - y).norm(dim=1).clamp_min(1e-8)
+        y_new = (w.unsqueeze(1) * x).sum(0) / w.sum()
+        done = (y_new - y).norm() <= tol * (y.norm() + 1e-12)
+        y = y_new
+        if done:
+            break
+    return y
+
+
+def _lr_at(step: int, steps: int, base: float, warmup: int, decay_fraction: float) -> float:
+    lr = base * min(1.0, (step + 1) / max(1, warmup))
+    decay = int(steps * decay_fraction)
+    if decay > 0 and step >= steps - decay:
+        lr *= (steps - step) / decay
+    return lr
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _make_adam(model: nn.Module, cfg: TrainConfig, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    kwargs = dict(lr=lr, betas=cfg.betas, eps=cfg.eps)
+    try:
+        return torch.optim.Adam(model.parameters(), fused=device.type in ("cpu", "cuda"), **kwargs)
+    except (RuntimeError, TypeError):
+        return torch.optim.Adam(model.parameters(), **kwargs)
+
+
+def _save_optimizer(path: Path, opt: torch.optim.Optimizer, extra: dict[str, Tensor], step: int) -> None:
+    sd = opt.state_dict()
+    tensors = {f"state.{i}.{name}": t.detach().cpu().contiguous() for i, st in sd["state"].items()
+               for name, t in st.items()}
+    tensors.update({k: v.detach().cpu().contiguous() for k, v in extra.items()})
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={"step": str(step)})
+    os.replace(tmp, path)
+
+
+def _load_optimizer(path: Path, opt: torch.optim.Optimizer, device: torch.device) -> dict[str, Tensor]:
+    tensors = load_file(str(path), device=str(device))
+    sd = opt.state_dict()
+    state: dict[int, dict[str, Tensor]] = {}
+    extra = {}
+    for key, t in tensors.items():
+        if key.startswith("state."):
+            _, i, name = key.split(".", 2)
+            state.setdefault(int(i), {})[name] = t
+        else:
+            extra[key] = t
+    opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+    return extra
+
+
+def _run_signature(cfg: TrainConfig, source: ArraySource) -> dict[str, Any]:
+    """What must not change between an interrupted run and its resumption (device and save cadence may)."""
+    train = {k: v for k, v in asdict(cfg).items() if k not in ("device", "checkpoint_every")}
+    return {"train_cfg": json.loads(json.dumps(train, default=str)), "source": source.fingerprint()}
+
+
+def train_sae(source, cfg: TrainConfig, out_dir: str | os.PathLike, *, stop_after: int | None = None,
+              init: SparseAutoencoder | None = None, progress: bool = True) -> SparseAutoencoder:
+    """Train (or resume, or just load if finished) a k-SAE on ``source`` and keep it in ``out_dir``.
+
+    ``source``: an :class:`ArraySource` or an (N, D) / (N, C, H, W) array or memmap. Batches are shuffled token
+    gathers; the order depends only on (seed, step), so an interrupted run resumes exactly. ``out_dir`` is always a
+    valid sparsify folder holding the last checkpoint. ``stop_after`` ends after that many steps (checkpointed).
+    ``init``: start from a copy of this model instead of a fresh initialisation (ignored when resuming).
+    Non-finite features or loss raise :class:`SaeTrainingError` without touching the last checkpoint.
+    """
+    source = as_source(source)
+    out_dir = Path(out_dir)
+    device = _device(cfg.device)
+    sae_cfg = cfg.sae.resolved(source.d_in)
+    kind = "spatial" if source.spatial else "pooled"
+    if sae_cfg.tokens not in ("auto", kind):
+        raise SaeError(f"SaeConfig.tokens={sae_cfg.tokens!r} but the features have shape "
+                       f"{tuple(source.array.shape)} ({kind})")
+    sae_cfg.tokens = kind
+    n = source.n_tokens
+    bs = min(cfg.batch_size, n)
+    steps = cfg.steps or max(1, math.ceil(cfg.epochs * n / bs))
+    base_lr = cfg.lr if cfg.lr is not None else 2e-4 / math.sqrt(sae_cfg.num_latents / 2**14)
+    warmup = min(cfg.warmup_steps, max(1, steps // 10))
+    dead_after = cfg.dead_tokens_threshold or min(10_000_000, n)
+    signature = _run_signature(cfg, source)
+
+    state_path, opt_path = out_dir / "train_state.json", out_dir / "optimizer.safetensors"
+    if state_path.is_file():
+        state = json.loads(state_path.read_text())
+        if state.get("signature") != signature:
+            raise SaeError(f"{out_dir} holds a run with another config or other features; "
+                           "use a new out_dir (or delete this one) to start over")
+        step = int(state["step"])
+        with safe_open(str(opt_path), framework="pt") as f:
+            opt_step = (f.metadata() or {}).get("step")
+        for name, saved in (("sae.safetensors", checkpoint_metadata(out_dir).get("step")),
+                            ("optimizer.safetensors", opt_step)):
+            if saved is None or int(saved) != step:
+                raise SaeError(f"{out_dir / name} is from step {saved} but train_state.json says {step}; "
+                               "the last save was interrupted: delete the folder to start over")
+        model = SparseAutoencoder.load(out_dir, d_in=source.d_in, device=device)
+    elif init is not None:
+        step = 0
+        if (init.d_in, init.num_latents, init.k) != (sae_cfg.d_in, sae_cfg.num_latents, sae_cfg.k):
+            raise SaeError(f"init model has (d_in, num_latents, k) = {(init.d_in, init.num_latents, init.k)}, "
+                           f"the config {(sae_cfg.d_in, sae_cfg.num_latents, sae_cfg.k)}")
+        model = SparseAutoencoder(sae_cfg, device=device)
+        model.load_state_dict(init.state_dict())
+        model.input_scale = init.input_scale
+        model.grid = source.grid if source.spatial else None
+    else:
+        step = 0
+        torch.manual_seed(cfg.seed)
+        model = SparseAutoencoder(sae_cfg, device=device)
+        model.grid = source.grid if source.spatial else None
+        n_init = min(n, cfg.init_tokens)
+        init_tok = np.concatenate([batch_tokens(s, bs, n, cfg.seed) for s in range(math.ceil(n_init / bs))])[:n_init]
+        init_tok = np.sort(init_tok)
+        x0 = torch.from_numpy(source.gather(init_tok)).to(device, torch.float32)
+        if not torch.isfinite(x0).all():
+            bad = np.unique(source.locate(init_tok[~torch.isfinite(x0).all(1).cpu().numpy()])[0])
+            raise SaeTrainingError(f"non-finite features in the initialisation sample (array rows "
+                                   f"{bad[:8].tolist()}); nothing was saved", 0, None)
+        with torch.no_grad():
+            if sae_cfg.normalize_input:
+                rms = (x0 - x0.mean(0)).pow(2).sum(1).mean().div(source.d_in).sqrt().item()
+                model.input_scale = 2.0 ** round(math.log2(rms)) if rms > 0 else 1.0
+            x0 = x0 / model.input_scale
+            if sae_cfg.b_dec_init == "median":
+                model.b_dec.copy_(geometric_median(x0))
+            elif sae_cfg.b_dec_init == "mean":
+                model.b_dec.copy_(x0.mean(0))
+
+    opt = _make_adam(model, cfg, base_lr, device)
+    since_fired = torch.zeros(model.num_latents, dtype=torch.long, device=device)
+    last_ckpt = step if state_path.is_file() else None
+    if state_path.is_file():
+        since_fired = _load_optimizer(opt_path, opt, device)["since_fired"]
+
+    def checkpoint(done_steps: int) -> None:
+        nonlocal last_ckpt
+        bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise SaeTrainingError(f"non-finite parameters {bad} after step {done_steps - 1}; not saved. "
+                                   f"Last good checkpoint: {out_dir} after {last_ckpt} steps",
+                                   done_steps - 1, last_ckpt)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model.save(out_dir, metadata={"step": str(done_steps)})
+        _save_optimizer(opt_path, opt, {"since_fired": since_fired}, done_steps)
+        atomic_write_json(out_dir / "train_cfg.json", asdict(cfg))
+        atomic_write_json(state_path, {"step": done_steps, "steps": steps, "lr": base_lr, "batch_size": bs,
+                                       "dead_tokens_threshold": dead_after, "signature": signature})
+        last_ckpt = done_steps
+
+    end = steps if stop_after is None else min(steps, stop_after)
+    bar = tqdm(total=end, initial=step, desc="k-SAE", disable=not progress, dynamic_ncols=True)
+    fvu_ema = None
+    try:
+        while step < end:
+            tokens = batch_tokens(step, bs, n, cfg.seed)
+            x = torch.from_numpy(source.gather(tokens)).to(device)
+            if not torch.isfinite(x).all():
+                bad = np.unique(source.locate(tokens[~torch.isfinite(x).all(1).cpu().numpy()])[0])
+                raise SaeTrainingError(
+                    f"non-finite features in training step {step} (array rows {bad[:8].tolist()}); "
+                    f"last good checkpoint: {out_dir} after {last_ckpt} steps", step, last_ckpt)
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(step, steps, base_lr, warmup, cfg.decay_fraction)
+            dead_mask = since_fired >= dead_after if cfg.auxk_alpha > 0 else None
+            out = model(x, dead_mask=dead_mask)
+            loss = out.fvu + cfg.auxk_alpha * out.auxk_loss
+            fvu = out.fvu.item()
+            if not math.isfinite(loss.item()):
+                raise SaeTrainingError(
+                    f"non-finite loss in training step {step} (fvu={fvu}, auxk={out.auxk_loss.item()}); "
+                    f"last good checkpoint: {out_dir} after {last_ckpt} steps", step, last_ckpt)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if sae_cfg.normalize_decoder:
+                model.remove_gradient_parallel_to_decoder_directions()
+            opt.step()
+            if sae_cfg.normalize_decoder:
+                model.set_decoder_norm_to_unit_norm()
+            with torch.no_grad():
+                since_fired += bs
+                since_fired[out.top_idx[out.top_acts > 0]] = 0
+            step += 1
+            fvu_ema = fvu if fvu_ema is None else 0.9 * fvu_ema + 0.1 * fvu
+            if step % 10 == 0 or step == end:
+                dead = (since_fired >= dead_after).float().mean().item()
+                bar.set_postfix(fvu=f"{fvu_ema:.4f}", dead=f"{dead:.2%}", refresh=False)
+            bar.update(1)
+            if step % cfg.checkpoint_every == 0 or step == end:
+                checkpoint(step)
+    finally:
+        bar.close()
+    if last_ckpt is None:  # stop_after=0 on a fresh run
+        checkpoint(step)
+    model.eval()
+    return model
+
+
+# -------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate_sae(model: SparseAutoencoder, source, batch_size: int = 8192, progress: bool = False) -> dict[str, Any]:
+    """FVU, L0, dead fraction (never fires) and per-latent firing frequency over every token of ``source``.
+
+    FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 with the mean over all of ``source``.
+    """
+    source = as_source(source)
+    if source.d_in != model.d_in:
+        raise SaeError(f"features have width {source.d_in} but the SAE has d_in {model.d_in}")
+    counts = torch.zeros(model.num_latents, dtype=torch.long, device=model.device)
+    sse = sum_x2 = 0.0
+    sum_x = torch.zeros(model.d_in, dtype=torch.float64)
+    l0 = 0
+    n = source.n_tokens
+    for s in tqdm(range(0, n, batch_size), desc="eval", disable=not progress):
+        x = torch.from_numpy(source.gather(np.arange(s, min(n, s + batch_size)))).to(model.device)
+        acts, idx = model.encode(x)
+        x_hat = model.decode(acts, idx)
+        sse += (x - x_hat).double().pow(2).sum().item()
+        xd = x.double().cpu()
+        sum_x += xd.sum(0)
+        sum_x2 += xd.pow(2).sum().item()
+        fired = acts > 0
+        l0 += int(fired.sum())
+        counts += torch.bincount(idx[fired], minlength=model.num_latents)
+    total_var = sum_x2 - (sum_x.pow(2).sum().item() / n)
+    freq = (counts.double() / n).cpu().numpy()
+    return {"fvu": sse / total_var, "l0": l0 / n, "dead_fraction": float((counts == 0).double().mean()),
+            "n_tokens": n, "num_latents": model.num_latents, "k": model.k, "firing_frequency": freq}
+
+
+def eval_tables(result: dict[str, Any]):
+    """(metrics DataFrame with one row, per-latent firing DataFrame) from :func:`evaluate_sae`'s dict."""
+    import pandas as pd
+
+    metrics = pd.DataFrame([{k: v for k, v in result.items() if k != "firing_frequency"}])
+    freq = np.asarray(result["firing_frequency"])
+    firing = pd.DataFrame({"latent": np.arange(len(freq)), "firing_frequency": freq, "dead": freq == 0})
+    return metrics, firing
+
+
+def save_eval(result: dict[str, Any], tables_dir: str | os.PathLike, name: str = "sae_eval") -> tuple[Path, Path]:
+    """Write ``<name>_metrics.csv`` and ``<name>_firing.csv`` to ``tables_dir``."""
+    tables_dir = Path(tables_dir)
+    tables_dir.mkdir(parents=True, exist_ok=True)
+    metrics, firing = eval_tables(result)
+    paths = tables_dir / f"{name}_metrics.csv", tables_dir / f"{name}_firing.csv"
+    metrics.to_csv(paths[0], index=False)
+    firing.to_csv(paths[1], index=False)
+    return paths
+
+
+def plot_firing_histogram(firing_frequency, ax=None, title: str | None = None):
+    """Seaborn histogram of log10 firing frequency (dead latents reported in the title)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    freq = np.asarray(firing_frequency, dtype=np.float64)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 3.2))
+    alive = freq[freq > 0]
+    if len(alive):
+        sns.histplot(x=np.log10(alive), bins=50, ax=ax)
+    ax.set_xlabel("log10 firing frequency")
+    ax.set_ylabel("latents")
+    ax.set_title(title or f"{len(freq)} latents, {np.mean(freq == 0):.1%} never fire")
+    return ax
