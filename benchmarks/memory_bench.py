@@ -6,17 +6,17 @@
 
 A synthetic spatial feature store (images x 256 channels x 8 x 8, float32, in the FeatureStore format: manifest,
 labels, indices, one .npy) is written under /tmp with plain file writes, then a FRESH child process per store size
-opens it, trains a top-k SAE for a fixed number of steps on shuffled token batches gathered from random images,
-and computes latent statistics (firing frequency, mean activation, top image per latent) over EVERY token of the
-store. The child's peak RSS (getrusage high-water mark) is reported; streaming means it must not grow with the
-store (the full store is 4x the small one, and both are far larger than one batch). Temporary files are deleted.
+opens it with ``FeatureStore.open``, trains a k-SAE with ``revelio_nb.sae.train_sae`` for a fixed number of steps
+(shuffled token batches gathered from the whole store) and computes ``revelio_nb.latents.latent_stats`` (firing
+frequencies, top images, label purity, AUROC, per-position maps) over EVERY token of the store. The child's peak RSS
+(getrusage high-water mark) is reported; streaming means it must not grow with the store (the full store is 4x the
+small one, and both are far larger than one batch). Temporary files are deleted.
 
-Rows are read with ``os.pread`` into small buffers: page-cache pages then never count in the process's RSS. A
-memory map indexed directly (``arr[idx]``) keeps every page it touched mapped and resident, so its RSS grows up
-to the store size (see ``--compare-mmap``); the real SAE module should read through a reader like ``RowReader``.
-
-The training / statistics functions are stand-ins for ``revelio_nb.sae.train_sae`` and
-``revelio_nb.latents``: swapping them is the one line marked ``SWAP`` in :func:`train` and :func:`stats`.
+``ArraySource`` reads rows with ``os.pread`` into small buffers: page-cache pages then never count in the process's
+RSS. A memory map indexed directly (``arr[idx]``) keeps every page it touched mapped and resident (and the kernel
+maps whole folios around each touched page), so its RSS grows up to the store size: ``--compare-mmap`` measures
+that too (``mmap`` rows). ``latent_stats`` spills its (image, latent, score) entries to a temporary folder past
+``max_entries`` and processes them one range of latents at a time.
 
 Final line: ``RESULT peak_rss_mb=... store_mb=... peak_rss_small_mb=... store_small_mb=... growth_mb=...``.
 """
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-HW = 8  # spatial side of the stand-in block (8 x 8 = 64 tokens per image)
+HW = 8  # spatial side of the synthetic block (8 x 8 = 64 tokens per image)
 
 
 def peak_rss_mb() -> float:
@@ -100,171 +100,45 @@ def build_store(path: Path, tokens: int, dim: int, seed: int = 0, chunk_images: 
     return path
 
 
-# ------------------------------------------------------------------------------------------ streaming reads
+# ------------------------------------------------------------------------------------------ the measured work
 
 
-class RowReader:
-    """Rows of a store array read with ``os.pread`` (no memory map stays resident in the process)."""
+def open_source(store_path: Path, args):
+    """The store's one array as an ``ArraySource`` (``--reader mmap``: one mapping kept open, the naive way)."""
+    from revelio_nb.features import FeatureStore
+    from revelio_nb.sae import ArraySource
 
-    def __init__(self, file: Path):
-        with open(file, "rb") as fh:
-            version = np.lib.format.read_magic(fh)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = read(fh)
-            self.offset = fh.tell()
-        if fortran:
-            raise ValueError(f"{file}: Fortran-ordered arrays are not supported")
-        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
-        self.row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
-        self.fd = os.open(file, os.O_RDONLY)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def rows(self, start: int, stop: int) -> np.ndarray:
-        buf = os.pread(self.fd, (stop - start) * self.row_bytes, self.offset + start * self.row_bytes)
-        return np.frombuffer(buf, dtype=self.dtype).reshape(stop - start, *self.shape[1:])
-
-    def take(self, idx: np.ndarray) -> np.ndarray:
-        """Rows ``idx`` (any order), reading each run of consecutive sorted rows once."""
-        order = np.argsort(idx)
-        s = np.asarray(idx)[order]
-        out = np.empty((len(s), *self.shape[1:]), dtype=self.dtype)
-        i = 0
-        while i < len(s):
-            j = i + 1
-            while j < len(s) and s[j] == s[j - 1] + 1:
-                j += 1
-            out[i:j] = self.rows(int(s[i]), int(s[j - 1]) + 1)
-            i = j
-        res = np.empty_like(out)
-        res[order] = out
-        return res
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
-class MmapReader(RowReader):
-    """The naive way, for comparison: fancy-index the memory map (touched pages stay resident)."""
-
-    def __init__(self, file: Path):
-        super().__init__(file)
-        self.arr = np.load(file, mmap_mode="r")
-
-    def rows(self, start: int, stop: int) -> np.ndarray:
-        return np.asarray(self.arr[start:stop])
-
-    def take(self, idx: np.ndarray) -> np.ndarray:
-        return self.arr[np.asarray(idx)]
-
-
-def token_batches(reader: RowReader, batch_tokens: int, steps: int, seed: int):
-    """Shuffled (batch_tokens, C) batches: random images per batch, their tokens shuffled together."""
-    import torch
-
-    per_image = int(np.prod(reader.shape[2:]))
-    n_img = max(1, batch_tokens // per_image)
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(len(reader))
-    pos = 0
-    for _ in range(steps):
-        if pos + n_img > len(perm):
-            perm, pos = rng.permutation(len(reader)), 0
-        maps = reader.take(perm[pos : pos + n_img])
-        pos += n_img
-        tokens = maps.reshape(len(maps), maps.shape[1], -1).transpose(0, 2, 1).reshape(-1, maps.shape[1])
-        yield torch.from_numpy(tokens[rng.permutation(len(tokens))])
-
-
-# ------------------------------------------------------------------------------------------ SAE stand-in
-
-
-def make_sae(dim: int, latents: int, k: int):
-    import torch
-    import torch.nn as nn
-    import torch.nn.functional as F
-
-    class TopKSAE(nn.Module):
-        def __init__(self):
-            super().__init__()
-            w = torch.randn(latents, dim)
-            w /= w.norm(dim=1, keepdim=True)
-            self.W_dec = nn.Parameter(w)
-            self.W_enc = nn.Parameter(w.T.clone())
-            self.b_enc = nn.Parameter(torch.zeros(latents))
-            self.b_dec = nn.Parameter(torch.zeros(dim))
-
-        def encode(self, x):
-            vals, idx = torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc).topk(k, dim=1)
-            return vals, idx
-
-        def forward(self, x):
-            vals, idx = self.encode(x)
-            return F.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode="sum") + self.b_dec, vals, idx
-
-    return TopKSAE()
-
-
-def standin_train(reader: RowReader, steps: int, batch_tokens: int, k: int, expansion: int, seed: int):
-    import torch
-
-    torch.manual_seed(seed)
-    sae = make_sae(reader.shape[1], expansion * reader.shape[1], k)
-    opt = torch.optim.Adam(sae.parameters(), lr=4e-4)
-    fvu = []
-    for step, x in enumerate(token_batches(reader, batch_tokens, steps, seed)):
-        if step == 0:
-            with torch.no_grad():
-                sae.b_dec.copy_(x.mean(0))
-        x_hat, _, _ = sae(x)
-        loss = (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True)
-        fvu.append(float(loss))
-    return sae, fvu
-
-
-def standin_stats(reader: RowReader, sae, images_per_read: int = 256) -> dict:
-    """Per-latent firing frequency, mean activation when firing and top image, over every token of the store."""
-    import torch
-
-    m = sae.W_dec.shape[0]
-    count, total = torch.zeros(m, dtype=torch.float64), torch.zeros(m, dtype=torch.float64)
-    top_val, top_img = torch.full((m,), -1.0), torch.full((m,), -1, dtype=torch.long)
-    per_image = int(np.prod(reader.shape[2:]))
-    with torch.no_grad():
-        for start in range(0, len(reader), images_per_read):
-            maps = reader.rows(start, min(start + images_per_read, len(reader)))
-            x = torch.from_numpy(maps.reshape(len(maps), maps.shape[1], -1).transpose(0, 2, 1).reshape(-1, maps.shape[1]))
-            vals, idx = sae.encode(x)
-            fired = vals > 0
-            count.index_add_(0, idx[fired], torch.ones(int(fired.sum()), dtype=torch.float64))
-            total.index_add_(0, idx[fired], vals[fired].double())
-            img = start + torch.arange(len(x)) // per_image
-            best = torch.full((m,), -1.0).scatter_reduce(0, idx.flatten(), vals.flatten(), "amax")
-            better = best > top_val
-            if better.any():  # the image of the best token of each improved latent
-                flat_img = img.repeat_interleave(idx.shape[1])
-                hit = (vals.flatten() == best[idx.flatten()]) & better[idx.flatten()]
-                top_img[idx.flatten()[hit]] = flat_img[hit]
-                top_val = torch.maximum(top_val, best)
-    n_tokens = len(reader) * per_image
-    return {"tokens": n_tokens, "dead": int((count == 0).sum()), "mean_freq": float(count.sum() / n_tokens / m)}
+    store = FeatureStore.open(store_path)
+    source = ArraySource(store.array("mid_block", 25))
+    if args.reader == "mmap":
+        source._file = None  # fancy-index the memmap: every touched page stays mapped, in the RSS
+    return store, source
 
 
 def train(store_path: Path, args):
-    reader = (MmapReader if args.reader == "mmap" else RowReader)(store_path / "mid_block@t25.npy")
-    # SWAP: return revelio_nb.sae.train_sae(FeatureStore.open(store_path), "mid_block", 25, ...)
-    return reader, standin_train(reader, args.steps, args.batch_tokens, args.k, args.expansion, args.seed)
+    from revelio_nb.sae import SaeConfig, TrainConfig, train_sae
+
+    store, source = open_source(store_path, args)
+    cfg = TrainConfig(sae=SaeConfig(expansion_factor=args.expansion, k=args.k), batch_size=args.batch_tokens,
+                      steps=args.steps, checkpoint_every=args.steps, seed=args.seed, device="cpu")
+    out = store_path / f"sae-{args.reader}"
+    shutil.rmtree(out, ignore_errors=True)  # train from scratch (a finished folder would just be loaded)
+    return store, source, train_sae(source, cfg, out, progress=False)
 
 
-def stats(reader: RowReader, sae, args) -> dict:
-    # SWAP: return revelio_nb.latents.latent_stats(sae, FeatureStore.open(store_path), "mid_block", 25)
-    return standin_stats(reader, sae)
+def stats(store, source, sae, args) -> dict:
+    import torch
+
+    from revelio_nb.latents import latent_stats
+    from revelio_nb.sae import batch_tokens
+
+    st = latent_stats(sae, source, store.labels, image_index=store.indices, class_names=store.class_names)
+    with torch.no_grad():  # reconstruction quality on one training-sized batch, as a sanity check
+        x = torch.from_numpy(source.gather(batch_tokens(0, args.batch_tokens, source.n_tokens, args.seed + 1)))
+        fvu = float(sae(x).fvu)
+    freq = st.table["freq_tokens"].to_numpy()
+    return {"tokens": source.n_tokens, "fvu_batch": round(fvu, 3), "dead": int((freq == 0).sum()),
+            "mean_freq": float(freq.mean()), "top_filled": float((st.top_rows >= 0).mean())}
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -273,18 +147,18 @@ def stats(reader: RowReader, sae, args) -> dict:
 def child(args) -> None:
     import torch
 
+    import revelio_nb.latents  # noqa: F401  (imports count in the baseline, not in the measured work)
+
     torch.set_num_threads(args.threads)
     base = current_rss_mb()
     t0 = time.perf_counter()
-    reader, (sae, fvu) = train(Path(args.child), args)
+    store, source, sae = train(Path(args.child), args)
     t_train = time.perf_counter() - t0
     peak_train = peak_rss_mb()
-    s = stats(reader, sae, args)
+    s = stats(store, source, sae, args)
     print(json.dumps({"peak_rss_mb": round(peak_rss_mb(), 1), "peak_rss_train_mb": round(peak_train, 1),
-                      "rss_after_imports_mb": round(base, 1),
-                      "rss_end_mb": round(current_rss_mb(), 1), "fvu_first": round(fvu[0], 3),
-                      "fvu_last": round(float(np.mean(fvu[-10:])), 3), "train_s": round(t_train, 1),
-                      "stats_s": round(time.perf_counter() - t0 - t_train, 1), **s}))
+                      "rss_after_imports_mb": round(base, 1), "rss_end_mb": round(current_rss_mb(), 1),
+                      "train_s": round(t_train, 1), "stats_s": round(time.perf_counter() - t0 - t_train, 1), **s}))
 
 
 def measure(store: Path, args, reader: str) -> dict:

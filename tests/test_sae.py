@@ -416,3 +416,34 @@ def test_memmap_reads_keep_rss_flat(tmp_path, monkeypatch, spatial):
     for s in range(0, shape[0], 4096):
         np.asarray(store[s : s + 4096]).sum()
     assert _rss_file_kb() - before > 48 * 1024
+
+
+def test_kill_inside_checkpoint_resumes(tmp_path, monkeypatch):
+    """A crash after optimizer.safetensors (the commit point) but before the sparsify view is rewritten: the rerun
+    repairs the view and ends equal to an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from revelio_nb import sae as S
+
+    x = np.random.default_rng(0).standard_normal((600, 16)).astype(np.float32)
+    cfg = S.TrainConfig(sae=S.SaeConfig(k=4, expansion_factor=4), steps=40, batch_size=64, checkpoint_every=10)
+    S.train_sae(x, cfg, tmp_path / "ref", progress=False)
+
+    real_save = S.SparseAutoencoder.save
+    calls = {"n": 0}
+
+    def dying_save(self, folder, metadata=None):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the 3rd checkpoint (step 30): optimizer file written, view not yet
+            raise KeyboardInterrupt("killed inside checkpoint")
+        return real_save(self, folder, metadata)
+
+    monkeypatch.setattr(S.SparseAutoencoder, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        S.train_sae(x, cfg, tmp_path / "run", progress=False)
+    monkeypatch.setattr(S.SparseAutoencoder, "save", real_save)
+    assert json.loads((tmp_path / "run" / "train_state.json").read_text())["step"] == 20  # the view lags behind
+    S.train_sae(x, cfg, tmp_path / "run", progress=False)
+    for name in ("sae.safetensors", "optimizer.safetensors"):
+        a, b = load_file(str(tmp_path / "run" / name)), load_file(str(tmp_path / "ref" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

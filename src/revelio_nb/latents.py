@@ -14,7 +14,9 @@ recomputes.
 from __future__ import annotations
 
 import json
+import math
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -171,27 +173,117 @@ def label_summary(label_counts: np.ndarray) -> dict[str, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------------------- compute
+_ENTRY = np.dtype([("lat", "<i4"), ("val", "<f4"), ("img", "<i8")])
+_MAX_SPILL_FILES = 256
+
+
+class _Entries:
+    """The non-zero (latent, image, score) entries of :func:`latent_stats`, grouped by latent range.
+
+    Kept in memory up to ``max_entries``; beyond that, appended to one file per range of latents in a temporary
+    folder, so that each range is processed alone and memory does not grow with the number of images. Each
+    latent's entries keep their order of arrival, so results are identical either way.
+    """
+
+    def __init__(self, num_latents: int, max_entries: int, spill_dir: str | os.PathLike | None):
+        self.m, self.max_entries, self.spill_dir = num_latents, max(1, int(max_entries)), spill_dir
+        self.mem: list[np.ndarray] = []
+        self.n_mem = 0
+        self.edges = np.array([0, num_latents])
+        self.tmp: tempfile.TemporaryDirectory | None = None
+        self.files: list = []
+
+    def add(self, lat: np.ndarray, img: np.ndarray, val: np.ndarray, images_done: int, images_total: int) -> None:
+        rec = np.empty(len(lat), dtype=_ENTRY)
+        rec["lat"], rec["val"], rec["img"] = lat, val, img
+        if not self.files:
+            self.mem.append(rec)
+            self.n_mem += len(rec)
+            if self.n_mem <= self.max_entries:
+                return
+            expect = self.n_mem / max(1, images_done) * images_total * 1.25
+            n = int(min(self.m, _MAX_SPILL_FILES, max(2, math.ceil(expect / self.max_entries))))
+            self.edges = (np.arange(n + 1) * self.m) // n
+            self.tmp = tempfile.TemporaryDirectory(prefix="revelio-latent-entries-", dir=self.spill_dir)
+            self.files = [open(Path(self.tmp.name) / f"{b}.bin", "wb") for b in range(n)]
+            rec, self.mem, self.n_mem = np.concatenate(self.mem), [], 0
+        b = np.searchsorted(self.edges, rec["lat"], side="right") - 1
+        order = np.argsort(b, kind="stable")
+        at = np.r_[0, np.cumsum(np.bincount(b, minlength=len(self.files)))]
+        for i, f in enumerate(self.files):
+            if at[i + 1] > at[i]:
+                rec[order[at[i] : at[i + 1]]].tofile(f)
+
+    def ranges(self):
+        """Yield (first latent, end latent, latent ids, images, scores) for each latent range."""
+        if not self.files:
+            rec = np.concatenate(self.mem) if self.mem else np.empty(0, dtype=_ENTRY)
+            self.mem = []
+            yield 0, self.m, rec["lat"].astype(np.int64), rec["img"].copy(), rec["val"].copy()
+            return
+        for f in self.files:
+            f.close()
+        for i, f in enumerate(self.files):
+            rec = np.fromfile(f.name, dtype=_ENTRY)
+            os.unlink(f.name)
+            yield int(self.edges[i]), int(self.edges[i + 1]), rec["lat"].astype(np.int64), rec["img"].copy(), \
+                rec["val"].copy()
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+        if self.tmp is not None:
+            self.tmp.cleanup()
+
+
 @torch.no_grad()
 def latent_stats(model: SparseAutoencoder, source, labels=None, *, top_n: int = 16, image_index=None,
                  class_names: Sequence[str] | None = None, batch_size: int = 8192, maps: bool = True,
-                 max_map_bytes: int = 1 << 30, progress: bool = False) -> LatentStats:
+                 max_map_bytes: int = 1 << 30, progress: bool = False, max_entries: int = 1 << 20,
+                 spill_dir: str | os.PathLike | None = None) -> LatentStats:
     """Statistics of every latent over all images of ``source`` (an :class:`ArraySource` or feature array).
 
     ``labels``: int labels aligned with the feature array's rows (e.g. ``store.labels``). ``image_index``: maps
     array rows to dataset indices (e.g. ``store.indices``) for ``top_images``. Spatial sources also get the
     per-position maps of each top image (``maps=False`` skips them; more than ``max_map_bytes`` is an error).
+
+    Memory does not grow with the number of images: beyond ``max_entries`` non-zero (image, latent) scores (16
+    bytes each), they are spilled to a temporary folder (in ``spill_dir``, default the system's) and processed one
+    range of latents at a time (about 130 bytes of RAM per entry of a range).
     """
     source = as_source(source)
     if source.d_in != model.d_in:
         raise ValueError(f"features have width {source.d_in} but the SAE has d_in {model.d_in}")
     if top_n < 1:
         raise ValueError(f"top_n must be >= 1, got {top_n}")
+    if labels is not None:
+        labels = np.asarray(labels, dtype=np.int64)
+        if len(labels) != source.array.shape[0]:
+            raise ValueError(f"labels has {len(labels)} entries but the features have {source.array.shape[0]} rows")
+        if labels.min() < 0:
+            raise ValueError("labels must be >= 0")
+        n_cls = int(labels.max()) + 1 if class_names is None else len(class_names)
+        if labels.max() >= n_cls:
+            raise ValueError(f"label {labels.max()} out of range for {n_cls} class names")
+        img_labels = labels[source.rows]
+    else:
+        img_labels, n_cls = None, 0
+    entries = _Entries(model.num_latents, max_entries, spill_dir)
+    try:
+        return _latent_stats(model, source, labels, img_labels, n_cls, entries, top_n=top_n, image_index=image_index,
+                             class_names=class_names, batch_size=batch_size, maps=maps, max_map_bytes=max_map_bytes,
+                             progress=progress)
+    finally:
+        entries.close()
+
+
+def _latent_stats(model, source: ArraySource, labels, img_labels, n_cls: int, entries: _Entries, *, top_n,
+                  image_index, class_names, batch_size, maps, max_map_bytes, progress) -> LatentStats:
     m, hw = model.num_latents, source.positions
     n_img = len(source.rows)
     count = torch.zeros(m, dtype=torch.float64)
     total = torch.zeros(m, dtype=torch.float64)
     vmax = torch.zeros(m, dtype=torch.float32)
-    e_img, e_lat, e_val = [], [], []
     n_batches = -(-n_img // max(1, batch_size // hw))
     for img, tokens in tqdm(_image_batches(source, batch_size), total=n_batches, desc="latent stats",
                             disable=not progress):
@@ -208,23 +300,28 @@ def latent_stats(model: SparseAutoencoder, source, labels=None, *, top_n: int = 
             keys, inv = torch.unique(torch.div(t_local, hw, rounding_mode="floor") * m + lat, return_inverse=True)
             im_val = torch.zeros(len(keys)).scatter_reduce_(0, inv, val, "amax", include_self=False)
             im_local, im_lat = torch.div(keys, m, rounding_mode="floor"), keys % m
-        e_img.append(img[im_local.numpy()])
-        e_lat.append(im_lat.numpy())
-        e_val.append(im_val.numpy().astype(np.float32))
-    img_e = np.concatenate(e_img).astype(np.int64)
-    lat_e = np.concatenate(e_lat).astype(np.int64)
-    val_e = np.concatenate(e_val)
+        entries.add(im_lat.numpy(), img[im_local.numpy()], im_val.numpy(), int(img[-1]) + 1, n_img)
 
-    # top-N images per latent: sort by latent, then score descending
-    img_count = np.bincount(lat_e, minlength=m)
-    order = np.lexsort((-val_e, lat_e))
-    lat_s, img_s, val_s = lat_e[order], img_e[order], val_e[order]
-    rank = _segment_positions(lat_s)
-    keep = rank < top_n
+    # per range of latents: top-N images per latent (sort by latent, then score descending) and AUROC
+    img_count = np.zeros(m, dtype=np.int64)
     top_rows = np.full((m, top_n), -1, dtype=np.int64)
     top_values = np.zeros((m, top_n), dtype=np.float32)
-    top_rows[lat_s[keep], rank[keep]] = source.rows[img_s[keep]]
-    top_values[lat_s[keep], rank[keep]] = val_s[keep]
+    auc = np.full((m, n_cls), np.nan) if labels is not None else None
+    kept = []  # (latent, rank, image) of every top entry
+    for lo, hi, lat_e, img_e, val_e in entries.ranges():
+        lat_e -= lo
+        img_count[lo:hi] = np.bincount(lat_e, minlength=hi - lo)
+        order = np.lexsort((-val_e, lat_e))
+        lat_s, img_s, val_s = lat_e[order] + lo, img_e[order], val_e[order]
+        rank = _segment_positions(lat_s)
+        keep = rank < top_n
+        top_rows[lat_s[keep], rank[keep]] = source.rows[img_s[keep]]
+        top_values[lat_s[keep], rank[keep]] = val_s[keep]
+        kept.append((lat_s[keep], rank[keep], img_s[keep]))
+        if labels is not None:
+            auc[lo:hi] = auroc_from_entries(lat_e, val_e, img_labels[img_e], img_labels, hi - lo, n_cls)
+        del lat_e, img_e, val_e, order, lat_s, img_s, val_s, rank, keep  # before the next range is read
+    lat_k, rank_k, img_k = (np.concatenate(a) for a in zip(*kept))
     index = None if image_index is None else np.asarray(image_index, dtype=np.int64)
     if index is not None and len(index) != source.array.shape[0]:
         raise ValueError(f"image_index has {len(index)} entries but the features have {source.array.shape[0]} rows")
@@ -244,21 +341,11 @@ def latent_stats(model: SparseAutoencoder, source, labels=None, *, top_n: int = 
                             "score": "max over positions" if source.spatial else "activation"}
     label_counts = top_labels = None
     if labels is not None:
-        labels = np.asarray(labels, dtype=np.int64)
-        if len(labels) != source.array.shape[0]:
-            raise ValueError(f"labels has {len(labels)} entries but the features have {source.array.shape[0]} rows")
-        if labels.min() < 0:
-            raise ValueError("labels must be >= 0")
-        n_cls = int(labels.max()) + 1 if class_names is None else len(class_names)
-        if labels.max() >= n_cls:
-            raise ValueError(f"label {labels.max()} out of range for {n_cls} class names")
-        img_labels = labels[source.rows]
-        top_lab = img_labels[img_s[keep]]
-        label_counts = np.bincount(lat_s[keep] * n_cls + top_lab, minlength=m * n_cls).reshape(m, n_cls)
+        top_lab = img_labels[img_k]
+        label_counts = np.bincount(lat_k * n_cls + top_lab, minlength=m * n_cls).reshape(m, n_cls)
         top_labels = np.where(top_rows >= 0, labels[np.maximum(top_rows, 0)], -1)
         for key, col in label_summary(label_counts).items():
             table[key] = col
-        auc = auroc_from_entries(lat_e, val_e, img_labels[img_e], img_labels, m, n_cls)
         best = np.where(np.isnan(auc), -np.inf, auc)
         table["best_auroc"] = np.where(np.isfinite(best.max(1)), best.max(1), np.nan)
         table["best_auroc_label"] = best.argmax(1)
@@ -275,7 +362,7 @@ def latent_stats(model: SparseAutoencoder, source, labels=None, *, top_n: int = 
         if need > max_map_bytes:
             raise ValueError(f"per-position maps need {need / 2**30:.2f} GiB (> max_map_bytes={max_map_bytes}); "
                              "lower top_n, raise max_map_bytes or pass maps=False")
-        maps_arr = _position_maps(model, source, lat_s[keep], rank[keep], img_s[keep], top_n, batch_size)
+        maps_arr = _position_maps(model, source, lat_k, rank_k, img_k, top_n, batch_size)
         maps_arr = maps_arr.reshape(m, top_n, h, w)
     return LatentStats(table=table, top_rows=top_rows, top_values=top_values, top_images=top_images,
                        top_labels=top_labels, label_counts=label_counts, maps=maps_arr, meta=meta)

@@ -458,7 +458,7 @@ def checkpoint_metadata(folder: str | os.PathLike) -> dict[str, str]:
 def _memmap_file(array) -> tuple[str, int] | None:
     """(file, offset) of a whole, C-ordered ``np.memmap`` (not a view of one), else None."""
     if (isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap) and getattr(array, "filename", None)
-            and array.flags.c_contiguous):
+            and array.flags.c_contiguous and array.mode != "c"):  # copy-on-write edits are not in the file
         return str(array.filename), int(array.offset)
     return None
 
@@ -470,12 +470,14 @@ class ArraySource:
     ``rows`` restricts to a subset of rows (e.g. the train split). Local token ``t`` is row ``rows[t // (H W)]``
     at position ``t % (H W)`` (row-major h, w); :meth:`locate` maps tokens back to (row, h, w).
 
-    A ``np.memmap`` is read through a private mapping of the same file that is re-opened after about
-    ``remap_bytes`` of rows were touched: pages of a mapping count in the process's RSS for as long as it is open,
-    so this keeps RAM flat however large the store (the page cache still serves re-reads).
+    A ``np.memmap`` is read with ``os.pread`` (at most ``remap_bytes`` of rows at a time), never through a mapping:
+    a mapped file's pages count in the process's RSS, and the kernel maps whole folios around each touched page, so
+    one batch of random rows maps nearly all of a store. Reads keep RAM flat however large the store (the page cache,
+    which is not RSS, still serves re-reads).
     """
 
-    remap_bytes = 128 << 20
+    remap_bytes = 32 << 20
+    """The most bytes of rows read into memory at once (the name is from when reads went through a mapping)."""
 
     def __init__(self, array, rows=None):
         if isinstance(array, Tensor):
@@ -495,19 +497,22 @@ class ArraySource:
         self.positions = self.grid[0] * self.grid[1]
         self.n_tokens = len(self.rows) * self.positions
         self._file = _memmap_file(array)
-        self._map: np.memmap | None = None
-        self._touched = 0
         self._row_bytes = int(np.prod(array.shape[1:])) * array.dtype.itemsize
 
-    def _data(self):
-        if self._file is None:
-            return self.array
-        if self._map is None or self._touched > self.remap_bytes:
-            self._map = None  # unmap first: its pages leave the RSS
-            self._map = np.memmap(self._file[0], dtype=self.array.dtype, mode="r", offset=self._file[1],
-                                  shape=self.array.shape)
-            self._touched = 0
-        return self._map
+    def _read_rows(self, fd: int, rows: np.ndarray) -> np.ndarray:
+        """Sorted distinct ``rows`` of the file, one ``pread`` per run of consecutive rows."""
+        buf = np.empty((len(rows), *self.array.shape[1:]), dtype=self.array.dtype)
+        mv = memoryview(buf.reshape(-1).view(np.uint8))
+        cuts = np.r_[0, np.flatnonzero(np.diff(rows) != 1) + 1, len(rows)]
+        rb = self._row_bytes
+        for a, b in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
+            pos, end, off = a * rb, b * rb, self._file[1] + int(rows[a]) * rb
+            while pos < end:
+                got = os.preadv(fd, [mv[pos:end]], off + pos - a * rb)
+                if got <= 0:
+                    raise SaeError(f"{self._file[0]} is shorter than its array header says (truncated?)")
+                pos += got
+        return buf
 
     def __len__(self) -> int:
         return self.n_tokens
@@ -522,10 +527,24 @@ class ArraySource:
     def gather(self, tokens) -> np.ndarray:
         """Float32 (B, d_in) features of the given local token ids (pass them sorted for locality)."""
         rows, h, w = self.locate(tokens)
-        data = self._data()
-        out = data[rows, :, h, w] if self.spatial else data[rows]
-        self._touched += len(np.unique(rows)) * self._row_bytes
-        return np.ascontiguousarray(out, dtype=np.float32)
+        if self._file is None:
+            out = self.array[rows, :, h, w] if self.spatial else self.array[rows]
+            return np.ascontiguousarray(out, dtype=np.float32)
+        out = np.empty((len(rows), self.d_in), dtype=np.float32)
+        uniq, inv = np.unique(rows, return_inverse=True)
+        order = np.argsort(inv, kind="stable")  # tokens grouped by row: those of uniq[i] are order[at[i]:at[i + 1]]
+        at = np.searchsorted(inv[order], np.arange(len(uniq) + 1))
+        per = max(1, self.remap_bytes // max(1, self._row_bytes))
+        fd = os.open(self._file[0], os.O_RDONLY)
+        try:
+            for s in range(0, len(uniq), per):
+                buf = self._read_rows(fd, uniq[s : s + per])
+                sel = order[at[s] : at[min(s + per, len(uniq))]]
+                loc = inv[sel] - s
+                out[sel] = buf[loc, :, h[sel], w[sel]] if self.spatial else buf[loc]
+        finally:
+            os.close(fd)
+        return out
 
     def fingerprint(self) -> dict[str, Any]:
         return {"shape": list(self.array.shape), "n_rows": len(self.rows), "n_tokens": self.n_tokens,
@@ -616,13 +635,14 @@ def _make_adam(model: nn.Module, cfg: TrainConfig, lr: float, device: torch.devi
         return torch.optim.Adam(model.parameters(), **kwargs)
 
 
-def _save_optimizer(path: Path, opt: torch.optim.Optimizer, extra: dict[str, Tensor], step: int) -> None:
+def _save_optimizer(path: Path, opt: torch.optim.Optimizer, extra: dict[str, Tensor], step: int,
+                    metadata: dict[str, str] | None = None) -> None:
     sd = opt.state_dict()
     tensors = {f"state.{i}.{name}": t.detach().cpu().contiguous() for i, st in sd["state"].items()
                for name, t in st.items()}
     tensors.update({k: v.detach().cpu().contiguous() for k, v in extra.items()})
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"step": str(step)})
+    save_file(tensors, str(tmp), metadata={**(metadata or {}), "step": str(step)})
     os.replace(tmp, path)
 
 
@@ -674,21 +694,31 @@ def train_sae(source, cfg: TrainConfig, out_dir: str | os.PathLike, *, stop_afte
     dead_after = cfg.dead_tokens_threshold or min(10_000_000, n)
     signature = _run_signature(cfg, source)
 
+    # optimizer.safetensors is the one file that commits a checkpoint: it holds the raw parameters, the optimizer
+    # state and the train state, and is written first (atomically); sae.safetensors (the sparsify view) and
+    # train_state.json follow, and are rewritten from it if a kill landed between the writes.
     state_path, opt_path = out_dir / "train_state.json", out_dir / "optimizer.safetensors"
-    if state_path.is_file():
-        state = json.loads(state_path.read_text())
+    resume_params: dict[str, Tensor] = {}
+    if opt_path.is_file():
+        with safe_open(str(opt_path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if "train_state" not in meta:
+                raise SaeError(f"{opt_path} carries no train state (written by another version?): "
+                               "delete the folder to start over")
+            resume_params = {k[6:]: f.get_tensor(k) for k in f.keys() if k.startswith("param.")}
+        state = json.loads(meta["train_state"])
         if state.get("signature") != signature:
             raise SaeError(f"{out_dir} holds a run with another config or other features; "
                            "use a new out_dir (or delete this one) to start over")
-        step = int(state["step"])
-        with safe_open(str(opt_path), framework="pt") as f:
-            opt_step = (f.metadata() or {}).get("step")
-        for name, saved in (("sae.safetensors", checkpoint_metadata(out_dir).get("step")),
-                            ("optimizer.safetensors", opt_step)):
-            if saved is None or int(saved) != step:
-                raise SaeError(f"{out_dir / name} is from step {saved} but train_state.json says {step}; "
-                               "the last save was interrupted: delete the folder to start over")
-        model = SparseAutoencoder.load(out_dir, d_in=source.d_in, device=device)
+        step = int(meta["step"])
+        model = SparseAutoencoder(sae_cfg, device=device)
+        model.load_state_dict({k: v.to(device) for k, v in resume_params.items()})
+        model.input_scale = float(meta["input_scale"])
+        model.grid = source.grid if source.spatial else None
+        if checkpoint_metadata(out_dir).get("step") != str(step) or not state_path.is_file() \
+                or json.loads(state_path.read_text()).get("step") != step:
+            model.save(out_dir, metadata={"step": str(step)})  # repair the view after an interrupted save
+            atomic_write_json(state_path, state)
     elif init is not None:
         step = 0
         if (init.d_in, init.num_latents, init.k) != (sae_cfg.d_in, sae_cfg.num_latents, sae_cfg.k):
@@ -723,8 +753,8 @@ def train_sae(source, cfg: TrainConfig, out_dir: str | os.PathLike, *, stop_afte
 
     opt = _make_adam(model, cfg, base_lr, device)
     since_fired = torch.zeros(model.num_latents, dtype=torch.long, device=device)
-    last_ckpt = step if state_path.is_file() else None
-    if state_path.is_file():
+    last_ckpt = step if resume_params else None
+    if resume_params:
         since_fired = _load_optimizer(opt_path, opt, device)["since_fired"]
 
     def checkpoint(done_steps: int) -> None:
@@ -735,11 +765,14 @@ def train_sae(source, cfg: TrainConfig, out_dir: str | os.PathLike, *, stop_afte
                                    f"Last good checkpoint: {out_dir} after {last_ckpt} steps",
                                    done_steps - 1, last_ckpt)
         out_dir.mkdir(parents=True, exist_ok=True)
+        train_state = {"step": done_steps, "steps": steps, "lr": base_lr, "batch_size": bs,
+                       "dead_tokens_threshold": dead_after, "signature": signature}
+        params = {f"param.{k}": v for k, v in model.state_dict().items()}
+        _save_optimizer(opt_path, opt, {"since_fired": since_fired, **params}, done_steps,
+                        {"train_state": json.dumps(train_state), "input_scale": repr(float(model.input_scale))})
         model.save(out_dir, metadata={"step": str(done_steps)})
-        _save_optimizer(opt_path, opt, {"since_fired": since_fired}, done_steps)
         atomic_write_json(out_dir / "train_cfg.json", asdict(cfg))
-        atomic_write_json(state_path, {"step": done_steps, "steps": steps, "lr": base_lr, "batch_size": bs,
-                                       "dead_tokens_threshold": dead_after, "signature": signature})
+        atomic_write_json(state_path, train_state)
         last_ckpt = done_steps
 
     end = steps if stop_after is None else min(steps, stop_after)
