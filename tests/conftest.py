@@ -45,6 +45,26 @@ def save_tiny_unet(folder: Path, seed: int = 0, num_class_embeds: int | None = N
     return folder
 
 
+def save_tiny_unet16(folder: Path) -> Path:
+    """A random-weight 16 px grayscale UNet2DModel saved as a single-model diffusers folder."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=4,
+                layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "UpBlock2D")).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread, as in spawned worker processes, so results compare bit for bit."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def save_tiny_dit(folder: Path, seed: int = 0) -> Path:
     from diffusers import DiTTransformer2DModel
 

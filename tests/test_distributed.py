@@ -22,33 +22,18 @@ from revelio_nb.features import (ExtractionConfig, FeatureStore, StoreMismatchEr
                                  extract_features)
 from revelio_nb.models import load_model
 
+from conftest import save_tiny_unet16
+
 BLOCKS = ["mid_block", "up_blocks.0"]
 TIMESTEPS = [10, 500]
 
 
-def make_tiny_unet(folder: Path) -> Path:
-    """A random-weight 16 px grayscale UNet2DModel saved as a diffusers folder (loads via load_model(folder))."""
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=4,
-                layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "UpBlock2D")).save_pretrained(folder, safe_serialization=True)
-    return folder
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Bit-for-bit comparisons need the same thread count as the 1-thread worker processes."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # bit-for-bit needs the workers' thread count
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    folder = make_tiny_unet(tmp_path_factory.mktemp("tiny") / "unet")
+    folder = save_tiny_unet16(tmp_path_factory.mktemp("tiny") / "unet")
     return folder, load_model(folder), load_dataset("digits")
 
 

@@ -1,0 +1,298 @@
+"""Decoding Diffusion directions: word maps, bias scores, steering, and the same code on a tiny SD-style pipeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from revelio_nb import directions as D
+from revelio_nb.captions import ATTRIBUTES, attribute_prompt, neutral_prompt
+
+
+# ------------------------------------------------------------------------------------------ a tiny SD pipeline
+
+
+def _write_clip_tokenizer(folder: Path) -> None:
+    """A character-level CLIP BPE tokenizer from a vocabulary written here (no download)."""
+    from transformers import CLIPTokenizer
+
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")
+    vocab = {}
+    for ch in chars:
+        vocab[ch] = len(vocab)
+    for ch in chars:
+        vocab[ch + "</w>"] = len(vocab)
+    merges = ["c a", "ca t</w>", "d o", "do g</w>"]
+    for m in merges:
+        vocab[m.replace(" ", "")] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    src = folder / "src"
+    src.mkdir(parents=True)
+    (src / "vocab.json").write_text(json.dumps(vocab))
+    (src / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tok = CLIPTokenizer(str(src / "vocab.json"), str(src / "merges.txt"), model_max_length=77)
+    tok.save_pretrained(folder / "tokenizer")
+    return len(vocab)
+
+
+def build_tiny_sd_pipeline(folder: Path) -> Path:
+    """UNet2DConditionModel + tiny CLIPTextModel + CLIPTokenizer + AutoencoderKL + scheduler, random weights."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    n_vocab = _write_clip_tokenizer(folder)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=n_vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                        num_attention_heads=4, max_position_embeddings=77,
+                                        bos_token_id=n_vocab - 2, eos_token_id=n_vocab - 1, pad_token_id=n_vocab - 1))
+    text.save_pretrained(folder / "text_encoder", safe_serialization=True)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
+                                cross_attention_dim=32, norm_num_groups=8, attention_head_dim=4)
+    unet.save_pretrained(folder / "unet", safe_serialization=True)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=4, sample_size=16)
+    vae.save_pretrained(folder / "vae", safe_serialization=True)
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDPMScheduler"]}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sd_model(tmp_path_factory):
+    from revelio_nb.models import load_model
+
+    folder = build_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny-sd"))
+    model = load_model(str(folder))
+    assert model.kind == "unet_cond" and model.vae is not None and model.text_encoder is not None
+    return model
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("REVELIO_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+# ------------------------------------------------------------------------------------------ SD-family pipeline
+
+
+def test_generate_matches_sampling_sample_with_and_without_cfg(sd_model):
+    from revelio_nb.sampling import sample
+
+    for g in (1.0, 3.0):
+        cfg = D.SampleConfig(n_seeds=2, steps=3, guidance_scale=g, seed=5)
+        ours = D.generate(sd_model, ["a cat", "a dog"], cfg, progress=False)
+        assert ours.shape == (4, 3, 16, 16)
+        ref = sample(sd_model, 2, prompts="a dog", steps=3, guidance_scale=g, seed=5)
+        torch.testing.assert_close(ours[2:], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_prompt_latents_on_tiny_sd_pipeline(sd_model, cache):
+    prompts = ["a cat", "a dog", "a red cat", "a red dog"]
+    cfg = D.SampleConfig(n_seeds=2, steps=3, batch_size=4)
+    lat = D.prompt_latents(sd_model, prompts, cfg, keep_images=True, progress=False)
+    c = sd_model.denoiser.config.block_out_channels[-1]
+    assert lat.pooled.shape == (4, c) and lat.flat.shape == (4, c * 4 * 4) and lat.shape == (c, 4, 4)
+    assert lat.pooled_steps.shape == (4, 3, c) and lat.images.shape == (4, 2, 16, 16, 3)
+    np.testing.assert_allclose(lat.get().mean(0), 0, atol=1e-5)  # centred on the reference (all prompts)
+    # the pooled latent is the mean of the flattened one over space
+    np.testing.assert_allclose(lat.pooled, lat.flat.reshape(4, c, 16).mean(-1), rtol=1e-4, atol=1e-5)
+    # batching does not change a prompt's latent (paired seeds), and the cache returns the same arrays
+    one = D.prompt_latents(sd_model, ["a dog"], cfg, progress=False, cache=False)
+    np.testing.assert_allclose(one.pooled[0], lat.pooled[1], rtol=1e-4, atol=1e-5)
+    again = D.prompt_latents(sd_model, prompts, cfg, keep_images=True, progress=False)
+    np.testing.assert_array_equal(again.flat, lat.flat)
+    assert list((cache / "directions").iterdir())
+    # chosen steps only
+    last = D.prompt_latents(sd_model, ["a cat"], D.SampleConfig(n_seeds=2, steps=3, capture_steps=[2]),
+                            progress=False, cache=False)
+    np.testing.assert_allclose(last.pooled[0], lat.pooled_steps[0, 2], rtol=1e-4, atol=1e-5)
+    d = D.concept_direction(lat, ["a red cat", "a red dog"], ["a cat", "a dog"])
+    assert d.shape == (c,) and np.linalg.norm(d) == pytest.approx(1.0)
+    base = D.text_encoder_latents(sd_model, prompts)
+    assert base.pooled.shape == (4, 32) and base.flat is None
+    with pytest.raises(ValueError, match="flat"):
+        base.get(form="flat")
+    with pytest.raises(ValueError, match="capture_steps"):
+        D.SampleConfig(steps=3, capture_steps=[3]).validate()
+
+
+def test_steering_hook_adds_exactly_strength_times_direction_and_is_removed(sd_model):
+    mid = sd_model.denoiser.mid_block
+    seen = []
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = sd_model.conditioning(2, prompts=["a cat", "a dog"])
+
+    def run():
+        h = mid.register_forward_hook(lambda m, a, o: seen.append(o.detach().clone()))
+        try:
+            return sd_model.denoise(x, 10, cond)
+        finally:
+            h.remove()
+
+    base = run()
+    c = mid.resnets[-1].out_channels
+    direction = torch.randn(c, generator=torch.Generator().manual_seed(1))
+    with D.SteeringHook(sd_model, direction, strength=2.5) as hook:
+        steered = run()
+        assert len(mid._forward_hooks) == 1  # the steering hook (run() removed its own)
+    torch.testing.assert_close(seen[1] - seen[0], 2.5 * direction.view(1, c, 1, 1).expand_as(seen[0]),
+                               atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(steered, base)
+    assert len(mid._forward_hooks) == 0  # removed on exit
+    torch.testing.assert_close(run(), base)
+    # a flattened (C*h*w) direction is added per position; a wrong size is a clear error
+    flat = torch.randn(c * 4 * 4)
+    with D.steering(sd_model, flat, 1.0):
+        run()
+    torch.testing.assert_close(seen[-1] - seen[0], flat.view(1, c, 4, 4).expand_as(seen[0]), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="does not fit"), D.steering(sd_model, torch.ones(c + 1), 1.0):
+        run()
+    assert len(mid._forward_hooks) == 0
+    with pytest.raises(ValueError, match="unknown block"):
+        D.SteeringHook(sd_model, direction, block="mid_blok")
+
+
+def test_steer_returns_one_batch_per_strength_with_zero_unsteered(sd_model):
+    cfg = D.SampleConfig(n_seeds=2, steps=2)
+    c = sd_model.denoiser.mid_block.resnets[-1].out_channels
+    out = D.steer(sd_model, "a cat", np.ones(c, np.float32), [-5.0, 0.0, 5.0], cfg, progress=False)
+    assert sorted(out) == [-5.0, 0.0, 5.0]
+    torch.testing.assert_close(out[0.0], D.generate(sd_model, ["a cat"], cfg, progress=False))
+    assert not torch.allclose(out[5.0], out[0.0])
+
+
+# ------------------------------------------------------------------------------------------ synthetic checks
+
+
+def test_word_map_names_a_planted_direction():
+    rng = np.random.default_rng(0)
+    vocab = ["large", "small", "cat", "dog", "left", "right"]
+    d = 40
+    true = rng.normal(size=(len(vocab), d))
+    words = (rng.random((600, len(vocab))) < 0.4).astype(np.float32)
+    h = words @ true + 0.3 * rng.normal(size=(600, d))
+    captions = [" ".join(w for w, on in zip(vocab, row) if on) or "nothing" for row in words]
+    wm = D.fit_word_map(h, captions, min_count=5)
+    assert set(vocab) <= set(wm.vocabulary)
+    planted = true[vocab.index("large")] - true[vocab.index("small")]
+    for method in ("ridge", "mean_diff"):
+        named = wm.name(planted[None], k=2, method=method, names=["planted"])
+        top = named[(named.side == "+")].sort_values("rank")
+        bottom = named[(named.side == "-")].sort_values("rank")
+        assert top.iloc[0].word == "large" and bottom.iloc[0].word == "small"
+        assert top.iloc[0].score > 0.5
+    # ridge recovers the word vectors themselves
+    cos = np.diag(D._unit(wm.ridge[[wm.vocabulary.index(w) for w in vocab]]) @ D._unit(true).T)
+    assert (cos > 0.95).all()
+    assert wm.labels(true[[2]], k=1) == ["cat"]
+    with pytest.raises(ValueError, match="dims"):
+        wm.name(np.ones((1, d + 1)))
+
+
+def _synthetic_latents(rates: dict[str, float], noise: float, seed: int = 0) -> D.PromptLatents:
+    """Prompt latents in which each noun's neutral prompt sits at its rate between its small and large prompts."""
+    rng = np.random.default_rng(seed)
+    d = 16
+    axis = rng.normal(size=d)
+    prompts, vecs = [], []
+    for noun, r in rates.items():
+        base = rng.normal(size=d) * 0.5
+        lo, hi = base - axis / 2, base + axis / 2
+        for p, v in ((neutral_prompt(noun), lo + r * (hi - lo)),
+                     (attribute_prompt(noun, "size", "large"), hi), (attribute_prompt(noun, "size", "small"), lo)):
+            prompts.append(p)
+            vecs.append(v + noise * rng.normal(size=d))
+    return D.PromptLatents(prompts, np.array(vecs, np.float32), None)
+
+
+def test_bias_scores_track_planted_rates():
+    rates = {n: r for n, r in zip(["ant", "bee", "cat", "dog", "eel", "fox", "gnu", "hen"], np.linspace(0.05, 0.95, 8))}
+    lat = _synthetic_latents(rates, noise=0.05)
+    truth = pd.DataFrame({"class": list(rates), "attribute": "size", "rate": list(rates.values())})
+    for method in ("axis", "pair"):
+        scores = D.bias_scores(lat, list(rates), ["size"], method=method)
+        assert list(scores.columns[:3]) == ["class", "attribute", "high"]
+        rho = D.compare_with_ground_truth(scores, truth)
+        assert rho.iloc[0].rho > 0.9 and rho.iloc[0].n_classes == 8
+    pair = D.bias_scores(lat, list(rates), ["size"], method="pair")
+    np.testing.assert_allclose(pair["score"], list(rates.values()), atol=0.1)
+    assert pair.sort_values("rank").iloc[0]["class"] == "hen"
+    # pure noise: no rank agreement to speak of
+    noisy = D.bias_scores(_synthetic_latents({k: 0.5 for k in rates}, noise=1.0), list(rates), ["size"])
+    assert abs(D.compare_with_ground_truth(noisy, truth).iloc[0].rho) < 0.9
+    with pytest.raises(ValueError, match="method"):
+        D.bias_scores(lat, list(rates), ["size"], method="median")
+    with pytest.raises(KeyError, match="not in these latents"):
+        D.bias_scores(lat, ["yak"], ["size"])
+
+
+def test_cluster_and_steering_effect_on_synthetic_images():
+    rates = {"ant": 0.1, "bee": 0.2, "cat": 0.9}
+    clusters = D.cluster_prompts(_synthetic_latents(rates, 0.01))
+    assert clusters["linkage"].shape == (8, 4) and len(clusters["order"]) == 9
+    imgs = {}
+    for s, side in zip([-1.0, 0.0, 1.0, 2.0], [6, 10, 14, 18]):
+        x = np.zeros((3, 32, 32), np.uint8)
+        x[:, 16 - side // 2 : 16 + side // 2, 16 - side // 2 : 16 + side // 2] = 255
+        imgs[s] = x
+    eff = D.steering_effect(imgs, "size")
+    assert eff["monotonic"].iloc[0] == 1 and eff["rho_value_strength"].iloc[0] > 0.9
+    assert eff.set_index("strength").loc[2.0, "frac_up_vs_0"] == 1.0
+    with pytest.raises(ValueError, match="valid"):
+        D.steering_effect(imgs, "colour")
+
+
+def test_text_model_refuses_unconditional_models():
+    from types import SimpleNamespace
+
+    with pytest.raises(ValueError, match="not text-conditioned"):
+        D.generate(SimpleNamespace(kind="unet", model_id="embedded:animals-unet"), ["a cat"], progress=False)
+
+
+def test_caption_features_are_seeded_per_image_and_feed_a_word_map(sd_model):
+    imgs = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    caps = ["a cat", "a dog", "a red cat", "a red dog", "a cat", "a dog"]
+    cfg = D.CaptionMapConfig(t=50, batch_size=4)
+    full = D.caption_features(sd_model, imgs, caps, cfg, progress=False)
+    c = sd_model.denoiser.mid_block.resnets[-1].out_channels
+    assert full["pooled"].shape == (6, c) and full["flat"].shape == (6, c * 16)
+    again = D.caption_features(sd_model, imgs, caps, D.CaptionMapConfig(t=50, batch_size=3), progress=False)
+    np.testing.assert_allclose(again["pooled"], full["pooled"], rtol=1e-4, atol=1e-5)  # batching-independent
+    cond = D.caption_features(sd_model, imgs, caps, D.CaptionMapConfig(t=50, condition="caption"), progress=False)
+    assert not np.allclose(cond["pooled"], full["pooled"])  # the caption reaches h through cross-attention
+    wm = D.fit_word_map(cond["pooled"], caps, min_count=2)
+    assert wm.vocabulary == ["cat", "dog", "red"] and wm.ridge.shape == (3, c)
+    with pytest.raises(ValueError, match="one caption per image"):
+        D.caption_features(sd_model, imgs, caps[:2], D.CaptionMapConfig(condition="caption"), progress=False)
+    with pytest.raises(ValueError, match="timestep"):
+        D.caption_features(sd_model, imgs, caps, D.CaptionMapConfig(t=1000), progress=False)
+
+
+def test_generated_attribute_scores_apply_the_caption_rule_to_kept_images():
+    big = np.zeros((4, 32, 32, 1), np.uint8)
+    big[:, 4:28, 4:28] = 255
+    small = np.zeros((4, 32, 32, 1), np.uint8)
+    small[:, 14:18, 14:18] = 255
+    mixed = np.concatenate([big[:1], small[:3]])
+    prompts = [neutral_prompt(n) for n in ("elephant", "ant", "cat")]
+    lat = D.PromptLatents(prompts, np.zeros((3, 2), np.float32), None, images=np.stack([big, small, mixed]))
+    th = {"size": (0.1, 0.3)}
+    s = D.generated_attribute_scores(lat, ["elephant", "ant", "cat"], ["size"], thresholds=th).set_index("class")
+    assert s.loc["elephant", "score"] == 1.0 and s.loc["ant", "score"] == 0.0 and s.loc["cat", "score"] == 0.25
+    mean = D.generated_attribute_scores(lat, ["elephant"], ["size"]).iloc[0].score
+    assert mean == pytest.approx(24 * 24 / 1024)
+    with pytest.raises(ValueError, match="keep_images"):
+        D.generated_attribute_scores(D.PromptLatents(prompts, np.zeros((3, 2)), None), ["cat"])
