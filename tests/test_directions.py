@@ -2,81 +2,33 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from revelio_nb import directions as D
-from revelio_nb.captions import ATTRIBUTES, attribute_prompt, neutral_prompt
+from revelio_nb.captions import attribute_prompt, neutral_prompt
 
 
 # ------------------------------------------------------------------------------------------ a tiny SD pipeline
 
 
-def _write_clip_tokenizer(folder: Path) -> None:
-    """A character-level CLIP BPE tokenizer from a vocabulary written here (no download)."""
-    from transformers import CLIPTokenizer
-
-    chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")
-    vocab = {}
-    for ch in chars:
-        vocab[ch] = len(vocab)
-    for ch in chars:
-        vocab[ch + "</w>"] = len(vocab)
-    merges = ["c a", "ca t</w>", "d o", "do g</w>"]
-    for m in merges:
-        vocab[m.replace(" ", "")] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    src = folder / "src"
-    src.mkdir(parents=True)
-    (src / "vocab.json").write_text(json.dumps(vocab))
-    (src / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tok = CLIPTokenizer(str(src / "vocab.json"), str(src / "merges.txt"), model_max_length=77)
-    tok.save_pretrained(folder / "tokenizer")
-    return len(vocab)
-
-
-def build_tiny_sd_pipeline(folder: Path) -> Path:
-    """UNet2DConditionModel + tiny CLIPTextModel + CLIPTokenizer + AutoencoderKL + scheduler, random weights."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(0)
-    n_vocab = _write_clip_tokenizer(folder)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=n_vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                                        num_attention_heads=4, max_position_embeddings=77,
-                                        bos_token_id=n_vocab - 2, eos_token_id=n_vocab - 1, pad_token_id=n_vocab - 1))
-    text.save_pretrained(folder / "text_encoder", safe_serialization=True)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
-                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
-                                cross_attention_dim=32, norm_num_groups=8, attention_head_dim=4)
-    unet.save_pretrained(folder / "unet", safe_serialization=True)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=4, sample_size=16)
-    vae.save_pretrained(folder / "vae", safe_serialization=True)
-    DDPMScheduler(num_train_timesteps=1000).save_pretrained(folder / "scheduler")
-    (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDPMScheduler"]}))
-    return folder
-
-
 @pytest.fixture(scope="module")
-def sd_model(tmp_path_factory):
+def sd_model(tiny_sd_pipeline):
+    """The tiny random SD-style pipeline of conftest (UNet2DConditionModel + CLIP + AutoencoderKL), by path."""
     from revelio_nb.models import load_model
 
-    folder = build_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny-sd"))
-    model = load_model(str(folder))
+    model = load_model(str(tiny_sd_pipeline))
     assert model.kind == "unet_cond" and model.vae is not None and model.text_encoder is not None
     return model
+
+
+def _mid(model):
+    """(channels, h, w) of the mid-block output of a model at its native size."""
+    c = model.denoiser.config.block_out_channels[-1]
+    side = model.native_image_size // model.vae_factor // 2 ** (len(model.denoiser.config.down_block_types) - 1)
+    return c, side, side
 
 
 @pytest.fixture()
@@ -94,7 +46,8 @@ def test_generate_matches_sampling_sample_with_and_without_cfg(sd_model):
     for g in (1.0, 3.0):
         cfg = D.SampleConfig(n_seeds=2, steps=3, guidance_scale=g, seed=5)
         ours = D.generate(sd_model, ["a cat", "a dog"], cfg, progress=False)
-        assert ours.shape == (4, 3, 16, 16)
+        size = sd_model.native_image_size
+        assert ours.shape == (4, 3, size, size)
         ref = sample(sd_model, 2, prompts="a dog", steps=3, guidance_scale=g, seed=5)
         torch.testing.assert_close(ours[2:], ref, atol=1e-4, rtol=1e-4)
 
@@ -103,12 +56,13 @@ def test_prompt_latents_on_tiny_sd_pipeline(sd_model, cache):
     prompts = ["a cat", "a dog", "a red cat", "a red dog"]
     cfg = D.SampleConfig(n_seeds=2, steps=3, batch_size=4)
     lat = D.prompt_latents(sd_model, prompts, cfg, keep_images=True, progress=False)
-    c = sd_model.denoiser.config.block_out_channels[-1]
-    assert lat.pooled.shape == (4, c) and lat.flat.shape == (4, c * 4 * 4) and lat.shape == (c, 4, 4)
-    assert lat.pooled_steps.shape == (4, 3, c) and lat.images.shape == (4, 2, 16, 16, 3)
+    c, hh, ww = _mid(sd_model)
+    size = sd_model.native_image_size
+    assert lat.pooled.shape == (4, c) and lat.flat.shape == (4, c * hh * ww) and lat.shape == (c, hh, ww)
+    assert lat.pooled_steps.shape == (4, 3, c) and lat.images.shape == (4, 2, size, size, 3)
     np.testing.assert_allclose(lat.get().mean(0), 0, atol=1e-5)  # centred on the reference (all prompts)
     # the pooled latent is the mean of the flattened one over space
-    np.testing.assert_allclose(lat.pooled, lat.flat.reshape(4, c, 16).mean(-1), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(lat.pooled, lat.flat.reshape(4, c, hh * ww).mean(-1), rtol=1e-4, atol=1e-5)
     # batching does not change a prompt's latent (paired seeds), and the cache returns the same arrays
     one = D.prompt_latents(sd_model, ["a dog"], cfg, progress=False, cache=False)
     np.testing.assert_allclose(one.pooled[0], lat.pooled[1], rtol=1e-4, atol=1e-5)
@@ -122,7 +76,7 @@ def test_prompt_latents_on_tiny_sd_pipeline(sd_model, cache):
     d = D.concept_direction(lat, ["a red cat", "a red dog"], ["a cat", "a dog"])
     assert d.shape == (c,) and np.linalg.norm(d) == pytest.approx(1.0)
     base = D.text_encoder_latents(sd_model, prompts)
-    assert base.pooled.shape == (4, 32) and base.flat is None
+    assert base.pooled.shape == (4, sd_model.text_encoder.config.hidden_size) and base.flat is None
     with pytest.raises(ValueError, match="flat"):
         base.get(form="flat")
     with pytest.raises(ValueError, match="capture_steps"):
@@ -132,7 +86,8 @@ def test_prompt_latents_on_tiny_sd_pipeline(sd_model, cache):
 def test_steering_hook_adds_exactly_strength_times_direction_and_is_removed(sd_model):
     mid = sd_model.denoiser.mid_block
     seen = []
-    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    side = sd_model.native_image_size // sd_model.vae_factor
+    x = torch.randn(2, 4, side, side, generator=torch.Generator().manual_seed(0))
     cond = sd_model.conditioning(2, prompts=["a cat", "a dog"])
 
     def run():
@@ -143,7 +98,7 @@ def test_steering_hook_adds_exactly_strength_times_direction_and_is_removed(sd_m
             h.remove()
 
     base = run()
-    c = mid.resnets[-1].out_channels
+    c, hh, ww = _mid(sd_model)
     direction = torch.randn(c, generator=torch.Generator().manual_seed(1))
     with D.SteeringHook(sd_model, direction, strength=2.5) as hook:
         steered = run()
@@ -154,10 +109,10 @@ def test_steering_hook_adds_exactly_strength_times_direction_and_is_removed(sd_m
     assert len(mid._forward_hooks) == 0  # removed on exit
     torch.testing.assert_close(run(), base)
     # a flattened (C*h*w) direction is added per position; a wrong size is a clear error
-    flat = torch.randn(c * 4 * 4)
+    flat = torch.randn(c * hh * ww)
     with D.steering(sd_model, flat, 1.0):
         run()
-    torch.testing.assert_close(seen[-1] - seen[0], flat.view(1, c, 4, 4).expand_as(seen[0]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(seen[-1] - seen[0], flat.view(1, c, hh, ww).expand_as(seen[0]), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="does not fit"), D.steering(sd_model, torch.ones(c + 1), 1.0):
         run()
     assert len(mid._forward_hooks) == 0
@@ -167,7 +122,7 @@ def test_steering_hook_adds_exactly_strength_times_direction_and_is_removed(sd_m
 
 def test_steer_returns_one_batch_per_strength_with_zero_unsteered(sd_model):
     cfg = D.SampleConfig(n_seeds=2, steps=2)
-    c = sd_model.denoiser.mid_block.resnets[-1].out_channels
+    c = _mid(sd_model)[0]
     out = D.steer(sd_model, "a cat", np.ones(c, np.float32), [-5.0, 0.0, 5.0], cfg, progress=False)
     assert sorted(out) == [-5.0, 0.0, 5.0]
     torch.testing.assert_close(out[0.0], D.generate(sd_model, ["a cat"], cfg, progress=False))
@@ -202,14 +157,15 @@ def test_word_map_names_a_planted_direction():
         wm.name(np.ones((1, d + 1)))
 
 
-def _synthetic_latents(rates: dict[str, float], noise: float, seed: int = 0) -> D.PromptLatents:
-    """Prompt latents in which each noun's neutral prompt sits at its rate between its small and large prompts."""
+def _synthetic_latents(rates: dict[str, float], noise: float, seed: int = 0, offset: float = 0.5) -> D.PromptLatents:
+    """Prompt latents in which each noun's neutral prompt sits at its rate between its small and large prompts;
+    each noun has its own random identity offset (scale ``offset``)."""
     rng = np.random.default_rng(seed)
     d = 16
     axis = rng.normal(size=d)
     prompts, vecs = [], []
     for noun, r in rates.items():
-        base = rng.normal(size=d) * 0.5
+        base = rng.normal(size=d) * offset
         lo, hi = base - axis / 2, base + axis / 2
         for p, v in ((neutral_prompt(noun), lo + r * (hi - lo)),
                      (attribute_prompt(noun, "size", "large"), hi), (attribute_prompt(noun, "size", "small"), lo)):
@@ -222,11 +178,18 @@ def test_bias_scores_track_planted_rates():
     rates = {n: r for n, r in zip(["ant", "bee", "cat", "dog", "eel", "fox", "gnu", "hen"], np.linspace(0.05, 0.95, 8))}
     lat = _synthetic_latents(rates, noise=0.05)
     truth = pd.DataFrame({"class": list(rates), "attribute": "size", "rate": list(rates.values())})
-    for method in ("axis", "pair"):
-        scores = D.bias_scores(lat, list(rates), ["size"], method=method)
+    for method, centre in (("axis", "class"), ("axis", "global"), ("pair", "class")):
+        scores = D.bias_scores(lat, list(rates), ["size"], method=method, centre=centre)
         assert list(scores.columns[:3]) == ["class", "attribute", "high"]
         rho = D.compare_with_ground_truth(scores, truth)
         assert rho.iloc[0].rho > 0.9 and rho.iloc[0].n_classes == 8
+    # large noun identity offsets: class centring removes them, so the ranking survives
+    shifted = _synthetic_latents(rates, noise=0.05, offset=4.0)
+    assert D.compare_with_ground_truth(D.bias_scores(shifted, list(rates), ["size"]), truth).iloc[0].rho > 0.9
+    # an external axis (e.g. from the caption map) is used as given
+    axis = D.attribute_axis(lat, list(rates), "size")
+    ext = D.bias_scores(lat, list(rates), ["size"], axes={"size": 3 * axis})
+    np.testing.assert_allclose(ext["score"], D.bias_scores(lat, list(rates), ["size"])["score"], rtol=1e-6)
     pair = D.bias_scores(lat, list(rates), ["size"], method="pair")
     np.testing.assert_allclose(pair["score"], list(rates.values()), atol=0.1)
     assert pair.sort_values("rank").iloc[0]["class"] == "hen"
@@ -235,6 +198,8 @@ def test_bias_scores_track_planted_rates():
     assert abs(D.compare_with_ground_truth(noisy, truth).iloc[0].rho) < 0.9
     with pytest.raises(ValueError, match="method"):
         D.bias_scores(lat, list(rates), ["size"], method="median")
+    with pytest.raises(ValueError, match="centre"):
+        D.bias_scores(lat, list(rates), ["size"], centre="median")
     with pytest.raises(KeyError, match="not in these latents"):
         D.bias_scores(lat, ["yak"], ["size"])
 
@@ -263,12 +228,13 @@ def test_text_model_refuses_unconditional_models():
 
 
 def test_caption_features_are_seeded_per_image_and_feed_a_word_map(sd_model):
-    imgs = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    size = sd_model.native_image_size
+    imgs = torch.rand(6, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
     caps = ["a cat", "a dog", "a red cat", "a red dog", "a cat", "a dog"]
     cfg = D.CaptionMapConfig(t=50, batch_size=4)
     full = D.caption_features(sd_model, imgs, caps, cfg, progress=False)
-    c = sd_model.denoiser.mid_block.resnets[-1].out_channels
-    assert full["pooled"].shape == (6, c) and full["flat"].shape == (6, c * 16)
+    c, hh, ww = _mid(sd_model)
+    assert full["pooled"].shape == (6, c) and full["flat"].shape == (6, c * hh * ww)
     again = D.caption_features(sd_model, imgs, caps, D.CaptionMapConfig(t=50, batch_size=3), progress=False)
     np.testing.assert_allclose(again["pooled"], full["pooled"], rtol=1e-4, atol=1e-5)  # batching-independent
     cond = D.caption_features(sd_model, imgs, caps, D.CaptionMapConfig(t=50, condition="caption"), progress=False)
@@ -296,3 +262,37 @@ def test_generated_attribute_scores_apply_the_caption_rule_to_kept_images():
     assert mean == pytest.approx(24 * 24 / 1024)
     with pytest.raises(ValueError, match="keep_images"):
         D.generated_attribute_scores(D.PromptLatents(prompts, np.zeros((3, 2)), None), ["cat"])
+
+
+def test_neutral_pass_h_keeps_images_and_a_cfg_run_serves_both_conditions(sd_model, cache, monkeypatch):
+    prompts = ["a cat", "a red dog"]
+    plain = D.SampleConfig(n_seeds=2, steps=2)
+    lp = D.prompt_latents(sd_model, prompts, plain, keep_images=True, progress=False)
+    ln = D.prompt_latents(sd_model, prompts, D.SampleConfig(n_seeds=2, steps=2, h_condition="neutral"),
+                          keep_images=True, progress=False)
+    np.testing.assert_array_equal(lp.images, ln.images)  # the extra neutral pass does not change the drawing
+    assert not np.allclose(lp.flat, ln.flat)
+    guided = D.SampleConfig(n_seeds=2, steps=2, guidance_scale=2.0)
+    gp = D.prompt_latents(sd_model, prompts, guided, progress=False)
+    monkeypatch.setattr(D, "generate", lambda *a, **k: pytest.fail("should have been served from the cache"))
+    gn = D.prompt_latents(sd_model, prompts, D.SampleConfig(n_seeds=2, steps=2, guidance_scale=2.0,
+                                                            h_condition="neutral"), progress=False)
+    assert gn.flat.shape == gp.flat.shape and not np.allclose(gn.flat, gp.flat)
+    with pytest.raises(ValueError, match="h_condition"):
+        D.SampleConfig(h_condition="caption").validate()
+
+
+def test_prompt_following_measures_the_words_effect_on_the_drawings():
+    rng = np.random.default_rng(0)
+
+    def blobs(sides):
+        x = np.zeros((len(sides), 32, 32, 1), np.uint8)
+        for i, s in enumerate(sides):
+            x[i, 16 - s // 2 : 16 + s - s // 2, 16 - s // 2 : 16 + s - s // 2] = 255
+        return x
+
+    prompts = [attribute_prompt("cat", "size", "large"), neutral_prompt("cat"), attribute_prompt("cat", "size", "small")]
+    images = np.stack([blobs(rng.integers(18, 24, 6)), blobs(rng.integers(10, 18, 6)), blobs(rng.integers(6, 10, 6))])
+    lat = D.PromptLatents(prompts, np.zeros((3, 2), np.float32), None, images=images)
+    row = D.prompt_following(lat, ["cat"], ["size"]).iloc[0]
+    assert row.mean_high > row.mean_neutral > row.mean_low and row.d > 3
