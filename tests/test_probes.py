@@ -106,6 +106,15 @@ def test_diffc_architecture():
     assert sizes == [(16, 16), (8, 8), (4, 4), (2, 2)]
     assert out.shape == (2, 10)
     assert m.eval()(torch.randn(2, 32, 1, 1)).shape == (2, 10)  # a 1x1 map stays 1x1
+    pooled = DiffC(in_channels=32, n_classes=10, width=64, max_map_size=16).eval()
+    sizes.clear()
+    hooks = [c.register_forward_hook(lambda mod, a, o: sizes.append(tuple(o.shape[-2:])))
+             for c in pooled.modules() if isinstance(c, nn.Conv2d)]
+    pooled(torch.randn(2, 32, 32, 32))
+    pooled(torch.randn(2, 32, 8, 8))  # smaller maps are left as they are
+    assert sizes == [(8, 8), (4, 4), (2, 2), (1, 1), (4, 4), (2, 2), (1, 1), (1, 1)]
+    with pytest.raises(ProbeError, match="max_map_size"):
+        DiffCConfig(max_map_size=0).validate()
 
 
 def test_diffc_beats_linear_when_information_is_spatial():

@@ -130,6 +130,8 @@ EMBEDDED_MODELS: dict[str, EmbeddedSpec] = {
             cross_attention_dim=384,
             norm_num_groups=8,
             attention_head_dim=8,
+            addition_embed_type="text",  # attention-pooled caption added to the time embedding: every ResNet
+            addition_embed_type_num_heads=8,  # hears global words (size, shape, texture) at every resolution
         ),
         train=TrainConfig(steps=900, batch_size=64),
     ),
