@@ -2,7 +2,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from revelio_nb import features as F
 from revelio_nb.models import load_model

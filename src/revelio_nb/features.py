@@ -27,7 +27,7 @@ import shutil
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -630,7 +630,7 @@ def _slice_cond(cond: dict[str, Any], s: slice, n: int) -> dict[str, Any]:
     return out
 
 
-def summarize(store: FeatureStore) -> "pd.DataFrame":
+def summarize(store: FeatureStore):
     """One row per (block, t): shape and simple statistics (a first sanity check of a store)."""
     import pandas as pd
 
