@@ -8,10 +8,11 @@ STAMP  := $(VENV)/.installed
 RUN    ?= default
 PYTEST_ARGS ?=
 
-.PHONY: help venv test smoke reproduce lab bench browser-deps clean clean-cache
+.PHONY: help venv test smoke reproduce readme-results lab bench browser-deps clean clean-cache
 
 help:
 	@echo "make reproduce   run every notebook (papermill) into results/$(RUN)/"
+	@echo "make readme-results  copy results/$(RUN)/ tables into README.md's results section"
 	@echo "make smoke       the same notebooks with tiny parameters into results/smoke/"
 	@echo "make test        the test suite"
 	@echo "make lab         JupyterLab with widgets"
@@ -36,6 +37,9 @@ smoke: venv
 
 reproduce: venv
 	$(VPY) -m revelio_nb.runner --run $(RUN)
+
+readme-results: venv
+	$(VPY) -m revelio_nb.report --run $(RUN) --readme README.md
 
 lab: venv
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks

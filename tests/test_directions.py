@@ -185,7 +185,8 @@ def test_bias_scores_track_planted_rates():
         assert rho.iloc[0].rho > 0.9 and rho.iloc[0].n_classes == 8
     # large noun identity offsets: class centring removes them, so the ranking survives
     shifted = _synthetic_latents(rates, noise=0.05, offset=4.0)
-    assert D.compare_with_ground_truth(D.bias_scores(shifted, list(rates), ["size"]), truth).iloc[0].rho > 0.9
+    assert D.compare_with_ground_truth(D.bias_scores(shifted, list(rates), ["size"], centre="class"),
+                                       truth).iloc[0].rho > 0.9
     # an external axis (e.g. from the caption map) is used as given
     axis = D.attribute_axis(lat, list(rates), "size")
     ext = D.bias_scores(lat, list(rates), ["size"], axes={"size": 3 * axis})
@@ -296,3 +297,18 @@ def test_prompt_following_measures_the_words_effect_on_the_drawings():
     lat = D.PromptLatents(prompts, np.zeros((3, 2), np.float32), None, images=images)
     row = D.prompt_following(lat, ["cat"], ["size"]).iloc[0]
     assert row.mean_high > row.mean_neutral > row.mean_low and row.d > 3
+
+
+def test_stepwise_rho_finds_the_step_that_carries_the_attribute():
+    rates = {n: r for n, r in zip(["ant", "bee", "cat", "dog", "eel", "fox"], np.linspace(0.1, 0.9, 6))}
+    lat = _synthetic_latents(rates, noise=0.02)
+    rng = np.random.default_rng(1)
+    # step 0: identical for all prompts; step 1: the planted structure; step 2: pure noise
+    steps = np.stack([np.ones_like(lat.pooled), lat.pooled, rng.normal(size=lat.pooled.shape)], 1).astype(np.float32)
+    lat = D.PromptLatents(lat.prompts, lat.pooled, None, pooled_steps=steps)
+    truth = pd.DataFrame({"class": list(rates), "attribute": "size", "rate": list(rates.values())})
+    df = D.stepwise_rho(lat, list(rates), truth, ["size"])
+    assert df["step"].tolist() == [0, 1, 2]
+    assert np.isnan(df.rho.iloc[0]) and df.rho.iloc[1] > 0.9 and abs(df.rho.iloc[2]) < 0.9
+    with pytest.raises(ValueError, match="per-step"):
+        D.stepwise_rho(D.PromptLatents(lat.prompts, lat.pooled, None), list(rates), truth, ["size"])

@@ -279,3 +279,35 @@ def test_unconditional_dit_neutral_label_is_the_trained_one():
     assert dit.kind == "dit" and dit.conditioning(3)["class_labels"].tolist() == [0, 0, 0]
     x = torch.zeros(1, 1, 32, 32)
     assert torch.isfinite(dit.denoise(x, 10)).all()
+
+
+class _FakeStore:
+    """The part of a FeatureStore a linear sweep reads."""
+
+    def __init__(self, arrays, labels):
+        self._arrays, self.labels = arrays, labels
+        self.blocks = sorted({b for b, _ in arrays})
+        self.timesteps = sorted({t for _, t in arrays})
+        self.class_names = [str(c) for c in range(int(labels.max()) + 1)]
+
+    def array(self, block, t):
+        return self._arrays[(block, t)]
+
+
+def test_linear_sweep_max_train_subsamples_train_rows_only():
+    x, y = _blobs(1000, sep=0.6, seed=3)
+    noise = np.random.default_rng(0).normal(size=x.shape).astype(np.float32)
+    parts = {"train": slice(0, 600), "val": slice(600, 800), "test": slice(800, 1000)}
+    stores = {s: _FakeStore({("a", 25): x[sl], ("b", 25): noise[sl]}, y[sl]) for s, sl in parts.items()}
+    full = probes.linear_sweep(stores, progress=False)
+    sub = probes.linear_sweep(stores, max_train=120, progress=False)
+    again = probes.linear_sweep(stores, max_train=120, progress=False)
+    assert full["n_train"].eq(600).all() and sub["n_train"].eq(120).all()
+    assert sub["n_val"].eq(200).all() and sub["n_test"].eq(200).all()
+    pd.testing.assert_frame_equal(sub.drop(columns="seconds"), again.drop(columns="seconds"))  # seeded
+    by_block = sub.set_index("block")["val_acc"]
+    assert by_block["a"] > by_block["b"] + 0.2  # informative block still found on the subset
+    with pytest.raises(ProbeError, match="not in the store"):
+        probes.linear_sweep(stores, blocks=["c"], progress=False)
+    with pytest.raises(ProbeError, match="max_train"):
+        probes.linear_sweep(stores, max_train=0, progress=False)

@@ -68,6 +68,7 @@ def test_runner_executes_and_times(tmp_path):
     table = runner.run_notebooks(runner.RunConfig(run=str(tmp_path / "out"), profile="smoke", notebooks_dir=nbs))
     assert (tmp_path / "out" / "tables" / "v.txt").read_text() == "7"
     assert table.status.tolist() == ["ok"] and (tmp_path / "out" / "tables" / "timings.csv").is_file()
+    assert "Notebook wall times (smoke profile): 00 " in (tmp_path / "out" / "RESULTS.md").read_text()
     write_notebook(nbs / "01_fail.ipynb", [("params", "run_dir = 'x'"), ("code", "raise ValueError('boom')")])
     with pytest.raises(RuntimeError, match="01_fail.ipynb failed"):
         runner.run_notebooks(runner.RunConfig(run=str(tmp_path / "out2"), notebooks_dir=nbs))

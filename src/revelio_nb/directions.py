@@ -475,15 +475,15 @@ def word_axis(word_map: "WordMap", attribute: str, method: str = "mean_diff") ->
 
 
 def bias_scores(lat: PromptLatents, nouns: Sequence[str], attributes: Sequence[str] | None = None,
-                form: str = "pooled", method: str = "axis", centre: str = "class",
+                form: str = "pooled", method: str = "axis", centre: str = "global",
                 axes: dict[str, np.ndarray] | None = None, template: str | None = None) -> pd.DataFrame:
     """How much each neutral prompt leans to the high word of each attribute.
 
     ``method="axis"`` (the paper's): projection of the neutral latent on the unit attribute axis, by default
     the prompt-pair axis averaged over nouns (:func:`attribute_axis`), or ``axes[attribute]`` when given (e.g.
-    :func:`word_axis` from the caption map). ``centre``: "global" subtracts the reference mean of all prompts;
-    "class" subtracts the mean of the noun's own prompts (neutral + its attribute prompts present), so a noun's
-    identity offset, which has nothing to do with the attribute, does not leak into the projection.
+    :func:`word_axis` from the caption map). ``centre``: "global" (the paper's) subtracts the reference mean of
+    the latents; "class" subtracts the mean of the noun's own prompts (neutral + its attribute prompts present),
+    so a noun's identity offset, which has nothing to do with the attribute, cannot leak into the projection.
     ``method="pair"``: where the neutral latent of a noun falls between its own low and high prompts,
     <h_n - h_low, h_high - h_low> / |h_high - h_low|^2 (0 = like the low prompt, 1 = like the high).
     One row per (noun, attribute) with ``score``; ranks within an attribute in ``rank`` (1 = most "high").
@@ -550,6 +550,41 @@ def compare_with_ground_truth(scores: pd.DataFrame, truth: pd.DataFrame, truth_c
                      "truth_range": float(g[truth_column].max() - g[truth_column].min()) if len(g) else np.nan,
                      **({"scores": label} if label else {})})
     return pd.DataFrame(rows)
+
+
+def stepwise_rho(lat: PromptLatents, nouns: Sequence[str], truth: pd.DataFrame,
+                 attributes: Sequence[str] | None = None, centre: str = "global") -> pd.DataFrame:
+    """Spearman rho vs ground truth of the bias score computed from each denoising step's pooled h alone.
+
+    Shows *when* during sampling h carries each attribute (e.g. the silhouette's size early, texture late).
+    One row per (step, attribute); a step where every prompt has the same h (the first step of the neutral
+    pass: same x_T, same condition) gives NaN.
+    """
+    if lat.pooled_steps is None:
+        raise ValueError(f"these latents ({lat.source}) keep no per-step h (pooled_steps); use prompt_latents()")
+    rows = []
+    for step in range(lat.pooled_steps.shape[1]):
+        one = PromptLatents(lat.prompts, lat.pooled_steps[:, step], None, shape=lat.shape)
+        scores = bias_scores(one, nouns, attributes, form="pooled", centre=centre)
+        rows.append(compare_with_ground_truth(scores, truth).assign(step=step))
+    return pd.concat(rows, ignore_index=True)
+
+
+def plot_stepwise_rho(df: pd.DataFrame, title: str = ""):
+    """rho against denoising step (0 = pure noise), one line per attribute."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3))
+    for attr, g in df.groupby("attribute", sort=False):
+        ax.plot(g["step"], g["rho"], marker="o", ms=3, label=attr)
+    ax.axhline(0, color="grey", lw=0.6)
+    ax.set_ylim(-1.05, 1.05)
+    ax.set_xlabel("denoising step (0 = pure noise)")
+    ax.set_ylabel("Spearman rho vs truth")
+    ax.legend(fontsize=7, ncol=len(df["attribute"].unique()), loc="lower left")
+    ax.set_title(title or "bias score of each step's h alone vs ground truth", fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 def cluster_prompts(lat: PromptLatents, prompts: Sequence[str] | None = None, form: str = "pooled",

@@ -67,44 +67,44 @@ EMBEDDED_MODELS: dict[str, EmbeddedSpec] = {
     "animals-unet": EmbeddedSpec(
         description="unconditional pixel UNet2DModel trained on the Animal-MNIST train split (32x32)",
         arch_kwargs=dict(UNET_SMALL),
-        train=TrainConfig(steps=1500, batch_size=64),
+        train=TrainConfig(steps=1200, batch_size=64),
     ),
     # --- comparison models: architecture / pre-training data / class conditioning (probes issue) ---
-    # One budget for all of them (300 steps x batch 64, warm-up 30 = what train_steps=300 gives any other entry,
-    # e.g. load_model("embedded:animals-unet-text", train_steps=300)), so every comparison is at equal budget;
+    # One budget for all of them (250 steps x batch 64, warm-up 25 = what train_steps=250 gives any other entry,
+    # e.g. load_model("embedded:animals-unet-text", train_steps=250)), so every comparison is at equal budget;
     # `animals-unet-ref` is the main architecture at that budget, the reference of each comparison.
     "animals-unet-ref": EmbeddedSpec(
-        description="animals-unet's architecture at the comparison budget (300 steps): reference of the comparisons",
+        description="animals-unet's architecture at the comparison budget (250 steps): reference of the comparisons",
         arch_kwargs=dict(UNET_SMALL),
-        train=TrainConfig(steps=300, batch_size=64, warmup_steps=30),
+        train=TrainConfig(steps=250, batch_size=64, warmup_steps=25),
     ),
     "animals-dit": EmbeddedSpec(
-        description="unconditional pixel DiTTransformer2DModel (patch 2 as DiT-*/2, 6 blocks, width 96: 1.23M params "
-        "vs the UNet's 1.11M; ~1.9x its step time) at the comparison budget",
+        description="unconditional pixel DiTTransformer2DModel (patch 4 as DiT-*/4: 8x8 tokens, 6 blocks, width 96; "
+        "~1.2M params like the UNet's 1.11M, ~0.4x its CPU step time) at the comparison budget",
         arch="dit",
-        arch_kwargs=dict(num_layers=6, num_attention_heads=4, attention_head_dim=24, patch_size=2),
-        train=TrainConfig(steps=300, batch_size=64, warmup_steps=30),
+        arch_kwargs=dict(num_layers=6, num_attention_heads=4, attention_head_dim=24, patch_size=4),
+        train=TrainConfig(steps=250, batch_size=64, warmup_steps=25),
     ),
     "animals5-unet": EmbeddedSpec(
         description="the reference UNet trained on Animal-MNIST classes 0-4 only (bear, bird, cat, cow, dog); "
         "probed on classes 5-9 it has never seen",
         classes=[0, 1, 2, 3, 4],
         arch_kwargs=dict(UNET_SMALL),
-        train=TrainConfig(steps=300, batch_size=64, warmup_steps=30),
+        train=TrainConfig(steps=250, batch_size=64, warmup_steps=25),
     ),
     "animals-unet-class": EmbeddedSpec(
         description="class-conditional reference UNet (class embedding added to the time embedding; last id = "
         "null class, dropped 10 %); probed with the null class",
         conditioning="class",
         arch_kwargs=dict(UNET_SMALL),
-        train=TrainConfig(steps=300, batch_size=64, warmup_steps=30),
+        train=TrainConfig(steps=250, batch_size=64, warmup_steps=25),
     ),
     "digits-unet": EmbeddedSpec(
         description="reference UNet on sklearn digits (8x8 padded to 16x16), all 10 classes",
         dataset="digits",
         image_size=16,
         arch_kwargs=dict(UNET_SMALL),
-        train=TrainConfig(steps=300, batch_size=64, warmup_steps=30),
+        train=TrainConfig(steps=250, batch_size=64, warmup_steps=25),
     ),
     "digits5-unet": EmbeddedSpec(
         description="reference UNet on sklearn digits 0-4 only (16x16); probed on digits 5-9",
@@ -112,7 +112,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedSpec] = {
         classes=[0, 1, 2, 3, 4],
         image_size=16,
         arch_kwargs=dict(UNET_SMALL),
-        train=TrainConfig(steps=300, batch_size=64, warmup_steps=30),
+        train=TrainConfig(steps=250, batch_size=64, warmup_steps=25),
     ),
     # --- text-conditioned model (Decoding Diffusion issue) ---
     "animals-unet-text": EmbeddedSpec(
@@ -614,7 +614,7 @@ def ensure_embedded(name: str, train_steps: int | None = None, progress: bool = 
     state = train_denoiser(denoiser, ema, forward, images, conds, null_cond, scheduler.alphas_cumprod,
                            spec.train, work, desc=f"train {name}")
     _write_embedded_folder(work, name, spec, ema, scheduler, ds, state)
-    save_model_card(work, steps=min(50, max(5, spec.train.steps // 10)))  # tiny smoke budgets: a cheap card
+    save_model_card(work, steps=min(25, max(5, spec.train.steps // 10)))  # tiny smoke budgets: a cheap card
     (work / "checkpoint.safetensors").unlink(missing_ok=True)
     os.replace(work, folder)
     return folder

@@ -463,14 +463,30 @@ def extract_splits(cfg: ExtractionConfig, model: DiffusionModel | None = None, d
 
 def linear_sweep(stores: dict[str, FeatureStore], blocks: Sequence[str] | None = None,
                  timesteps: Sequence[int] | None = None, cfg: LinearProbeConfig | None = None,
-                 progress: bool = True, **extra: Any) -> pd.DataFrame:
-    """A linear probe for every (block, t) of the stores: one tidy row each (``C`` chosen on val per cell)."""
+                 max_train: int | None = None, seed: int = 0, progress: bool = True, **extra: Any) -> pd.DataFrame:
+    """A linear probe for every (block, t) of the stores: one tidy row each (``C`` chosen on val per cell).
+
+    ``max_train``: fit each probe on a seeded, class-stratified subset of that many training rows (the same rows
+    for every cell), so a sweep can read the full stores of notebook 01 yet stay cheap; val / test stay whole.
+    """
     blocks = list(blocks or stores["train"].blocks)
     timesteps = [int(t) for t in (timesteps or stores["train"].timesteps)]
+    missing = [b for b in blocks if b not in stores["train"].blocks]
+    if missing:
+        raise ProbeError(f"blocks {missing} are not in the store; it holds {list(stores['train'].blocks)}")
+    rows_sel = None
+    if max_train is not None:
+        if int(max_train) < 1:
+            raise ProbeError(f"max_train must be None or a positive integer, got {max_train!r}")
+        labels = stores["train"].labels
+        rows_sel = np.sort(stratified_subset(np.arange(len(labels)), labels, int(max_train), seed))
     rows = []
     cells = [(b, t) for b in blocks for t in timesteps]
     for b, t in tqdm(cells, desc="linear probes", unit="cell", disable=not progress):
-        r = fit_linear_probe(probe_data(stores, (b, t)), cfg)
+        data = probe_data(stores, (b, t))
+        if rows_sel is not None:
+            data = replace(data, x_train=np.asarray(data.x_train[rows_sel]), y_train=data.y_train[rows_sel])
+        r = fit_linear_probe(data, cfg)
         rows.append(r.row(block=b, t=t, dim=int(stores["train"].array(b, t).shape[1]), **extra))
     return pd.DataFrame(rows)
 
@@ -685,11 +701,15 @@ def summary_barplot(runs: pd.DataFrame, best: pd.DataFrame, ax=None):
     keys = set(zip(best["features"], best["method"], best["block"], best["t"]))
     d = runs[[k in keys for k in zip(runs["features"], runs["method"], runs["block"], runs["t"])]].copy()
     d["test %"] = d["test_acc"] * 100
+    family = {"linear": "linear (probe / pixel logistic)", "pixels (logistic)": "linear (probe / pixel logistic)",
+              "diffc": "conv (Diff-C / supervised CNN)", "supervised CNN": "conv (Diff-C / supervised CNN)"}
+    d["probe"] = [family.get(m, m) for m in d["method"]]
     if ax is None:
         fig, ax = plt.subplots(figsize=(8, 3.6))
     else:
         fig = ax.figure
-    sns.barplot(data=d, x="features", y="test %", hue="method", errorbar="sd", ax=ax, alpha=0.8)
+    sns.barplot(data=d, x="features", y="test %", hue="probe", errorbar="sd", ax=ax, alpha=0.85,
+                hue_order=sorted(set(d["probe"]), key=lambda p: not p.startswith("linear")))
     ax.set_ylim(max(0.0, float(d["test %"].min()) - 10), 100)
     ax.set_xlabel("")
     ax.set_title("test accuracy at the validation-best cell (mean ± std over seeds)")

@@ -7,7 +7,8 @@
 Each notebook gets ``run_dir`` (absolute) plus the profile's overrides from ``notebooks/<profile>.yaml``
 (a mapping from notebook file name, or ``_all``, to parameters). Executed notebooks land in
 ``results/<run>/notebooks/``; each notebook's wall time is printed and written to
-``results/<run>/tables/timings.csv``. The run stops at the first failing notebook (later ones build on it),
+``results/<run>/tables/timings.csv``; the tables' short summary goes to ``results/<run>/RESULTS.md``
+(:mod:`revelio_nb.report`). The run stops at the first failing notebook (later ones build on it),
 keeping everything already produced.
 """
 
@@ -92,6 +93,12 @@ def run_notebooks(cfg: RunConfig) -> pd.DataFrame:
             break
     table = _save_timings(rows, out)
     print(f"total {table['seconds'].sum():.1f} s; results in {out}", flush=True)
+    try:  # the run's short results section (README tables), regenerated from whatever tables exist
+        from .report import run_markdown
+
+        (out / "RESULTS.md").write_text(run_markdown(out))
+    except FileNotFoundError:
+        pass
     if failure:
         name, err = failure
         raise RuntimeError(f"notebook {name} failed; executed copy with the error: {out / 'notebooks' / name}\n{err}")

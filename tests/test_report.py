@@ -1,0 +1,60 @@
+"""The README results section is generated from a run's tables."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from revelio_nb import report
+
+
+def _tables(run):
+    t = run / "tables"
+    t.mkdir(parents=True)
+    pd.DataFrame([{"features": "diffusion (trained)", "method": "diffc", "block": "up_blocks.1", "t": 25,
+                   "val_acc": 0.97, "test": "96.7 ± 0.2", "n_seeds": 3}]).to_csv(t / "probe_summary.csv", index=False)
+    pd.DataFrame([{"attribute": "size", "h neutral pass, flat": 0.8123, "text encoder": 0.31,
+                   "steer_monotonic": 1, "steer_rho": 1.0, "unused": 5},
+                  {"attribute": "shape", "h neutral pass, flat": 0.5, "text encoder": None,
+                   "steer_monotonic": 0, "steer_rho": -0.2, "unused": 5}]).to_csv(t / "06_summary.csv", index=False)
+    pd.DataFrame([{"notebook": "00_a.ipynb", "seconds": 60.0, "status": "ok", "profile": "full"},
+                  {"notebook": "01_b.ipynb", "seconds": 120.4, "status": "ok", "profile": "full"}]).to_csv(
+        t / "timings.csv", index=False)
+
+
+def test_run_markdown_collects_every_table(tmp_path):
+    empty = tmp_path / "empty"
+    (empty / "tables").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no result tables"):
+        report.run_markdown(empty)
+    run = tmp_path / "myrun"
+    _tables(run)
+    md = report.run_markdown(run)
+    assert "| diffusion (trained) | diffc | up_blocks.1 @ 25 | 96.7 ± 0.2 | 3 |" in md
+    assert "| attribute | rho: h (primary) | rho: text encoder | steering monotonic | steering rho(strength) |" in md
+    assert "| size | 0.81 | 0.31 | yes | 1.00 |" in md
+    assert "| shape | 0.50 | n/a | no | -0.20 |" in md
+    assert "00 60 s, 01 120 s; total 3.0 min" in md
+    assert "unused" not in md
+
+
+def test_replace_section_keeps_the_rest_and_refuses_bad_markers(tmp_path):
+    text = f"# title\nintro\n{report.START}\nold table\n{report.END}\nafter\n"
+    out = report.replace_section(text, "new table\n")
+    assert out == f"# title\nintro\n{report.START}\nnew table\n{report.END}\nafter\n"
+    assert report.replace_section(out, "new table") == out  # idempotent
+    for bad in ("no markers", f"{report.END} {report.START}", f"{report.START}{report.START}{report.END}"):
+        with pytest.raises(ValueError, match="exactly one"):
+            report.replace_section(bad, "x")
+
+
+def test_cli_updates_readme(tmp_path, capsys):
+    run = tmp_path / "r1"
+    _tables(run)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"top\n{report.START}\n{report.END}\n")
+    assert report.main(["--run", str(run), "--readme", str(readme)]) == 0
+    assert "96.7 ± 0.2" in readme.read_text() and readme.read_text().startswith("top\n")
+    readme.write_text("no markers")
+    assert report.main(["--run", str(run), "--readme", str(readme)]) == 1
+    assert "exactly one" in capsys.readouterr().err
