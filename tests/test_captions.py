@@ -142,6 +142,39 @@ def test_caption_hook_is_wired_into_the_text_model():
 
     spec = EMBEDDED_MODELS["animals-unet-text"]
     assert spec.conditioning == "text" and _resolve(spec.captions) is C.animal_captions
+    assert spec.dataset == "animal-mnist+facing"  # Decoding Diffusion's model: planted facing association
+    ref = EMBEDDED_MODELS["animals-unet-text-ref"]  # the comparisons' text model: the others' plain images
+    assert ref.dataset == "animal-mnist" and ref.conditioning == "text" and ref.train.steps == 250
     net = build_denoiser(spec, 10, 1)
     out = net(torch.zeros(2, 1, 32, 32), torch.tensor([3, 500]), encoder_hidden_states=torch.zeros(2, 16, 384)).sample
     assert out.shape == (2, 1, 32, 32)
+
+
+def test_planted_facing_sets_each_class_rate_by_mirroring_only(animals):
+    from revelio_nb.data import DatasetError, load_dataset
+
+    planted = load_dataset("animal-mnist+facing")
+    assert planted.name == "animal-mnist+facing"
+    assert np.array_equal(planted.labels, animals.labels)
+    assert all(np.array_equal(planted.split(s), animals.split(s)) for s in ("train", "val", "test"))
+    before, after = C.facing(animals.images), C.facing(planted.images)
+    mirrored = np.sign(before) != np.sign(after)
+    assert 0.2 < mirrored.mean() < 0.8
+    # every image is either untouched or exactly its mirror image
+    assert np.array_equal(planted.images[~mirrored], animals.images[~mirrored])
+    assert np.array_equal(planted.images[mirrored], animals.images[mirrored][:, :, ::-1])
+    # the measured right-facing share per class follows the planted rates (natural data: 0.3-0.6 for all)
+    for c, name in enumerate(planted.class_names):
+        v = after[(planted.labels == c) & (after != 0)]
+        assert (v > 0).mean() == pytest.approx(C.PLANTED_FACING_RIGHT[name], abs=0.06), name
+    # the ground truth written from the planted captions spreads as planted
+    gt = C.rate_table(C.ground_truth(C.build_captions(planted), planted.split("train")))["facing"]
+    rates = pd.Series(C.PLANTED_FACING_RIGHT)[gt.index]
+    assert np.corrcoef(gt, rates)[0, 1] > 0.95 and gt.max() - gt.min() > 0.7
+    # a class subset of the planted data keeps the planted images
+    sub = load_dataset("animal-mnist+facing", classes=[2])
+    assert np.array_equal(sub.images, planted.images[planted.labels == 2])
+    with pytest.raises(DatasetError, match=r"valid: \['animal-mnist\+facing'\]"):
+        load_dataset("animal-mnist+size")
+    with pytest.raises(ValueError, match="missing"):
+        C.plant_facing(animals, {"bear": 0.5})

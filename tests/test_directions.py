@@ -312,3 +312,71 @@ def test_stepwise_rho_finds_the_step_that_carries_the_attribute():
     assert np.isnan(df.rho.iloc[0]) and df.rho.iloc[1] > 0.9 and abs(df.rho.iloc[2]) < 0.9
     with pytest.raises(ValueError, match="per-step"):
         D.stepwise_rho(D.PromptLatents(lat.prompts, lat.pooled, None), list(rates), truth, ["size"])
+
+
+def test_extra_neutral_pass_runs_only_at_capture_steps_and_keeps_each_step(sd_model, cache):
+    prompts = ["a cat", "a red dog"]
+    calls = []
+    orig = sd_model.denoise
+
+    def counting(x, t, cond):
+        calls.append(len(x))
+        return orig(x, t, cond)
+
+    cfg = D.SampleConfig(n_seeds=2, steps=3, h_condition="neutral", capture_steps=[1, 2])
+    sd_model.denoise = counting
+    try:
+        seen = []
+        D.generate(sd_model, prompts, cfg, on_h=lambda p, i, hs: seen.append((i, sorted(hs))), progress=False)
+        assert calls == [4, 8, 8]  # step 0: conditional pass only; steps 1, 2: both passes
+        assert seen[0] == (0, ["prompt"]) and seen[-1] == (2, ["neutral", "prompt"])
+    finally:
+        sd_model.denoise = orig
+    lat = D.prompt_latents(sd_model, prompts, cfg, keep_images=True, progress=False)
+    assert lat.capture_steps == [1, 2] and lat.flat_steps.shape == (2, 2, lat.flat.shape[1])
+    assert np.isnan(lat.pooled_steps[:, 0]).all() and np.isfinite(lat.pooled_steps[:, 1:]).all()
+    np.testing.assert_allclose(lat.flat, lat.flat_steps.mean(1), rtol=1e-5, atol=1e-6)
+    # one step alone equals a run that captures only that step (same images, same h)
+    only = D.prompt_latents(sd_model, prompts, D.SampleConfig(n_seeds=2, steps=3, h_condition="neutral",
+                                                              capture_steps=[2]), keep_images=True, progress=False)
+    np.testing.assert_allclose(lat.at_step(2).flat, only.flat, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(lat.at_step(2).pooled, only.pooled, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(lat.images, only.images)
+    with pytest.raises(ValueError, match="not captured"):
+        lat.at_step(0)
+    assert D.step_index(sd_model, 3, 0) == 2 and D.step_index(sd_model, 3, 999) == 0
+
+
+def test_caption_axis_bias_reads_planted_rates_through_word_axes():
+    """Per-step h of neutral prompts that sit at their class's rate along a per-step 'large' direction; word maps
+    fitted on captioned samples of the same space recover the ranking, whatever each class's identity offset."""
+    rng = np.random.default_rng(0)
+    nouns = ["ant", "bee", "cat", "dog", "eel", "fox", "gnu", "hen"]
+    rates = dict(zip(nouns, rng.permutation(np.linspace(0.05, 0.95, 8))))
+    d, steps = 24, [3, 4]
+    maps, flat_steps = {}, np.zeros((len(nouns), 2, d), np.float32)
+    for k, step in enumerate(steps):
+        axis = rng.normal(size=d)
+        ids = {n: rng.normal(size=d) for n in nouns}
+        # captioned "real images": a class identity, the size word with the class's rate, noise
+        labels = rng.integers(0, len(nouns), 800)
+        large = rng.random(800) < np.array([rates[nouns[c]] for c in labels])
+        h = np.stack([ids[nouns[c]] for c in labels]) + np.where(large, 1.0, -1.0)[:, None] * axis
+        h += 0.5 * rng.normal(size=h.shape)
+        caps = [f"a drawing of a {'large' if g else 'small'} {nouns[c]}" for c, g in zip(labels, large)]
+        maps[step] = D.fit_word_map(h, caps)
+        for i, n in enumerate(nouns):  # the neutral prompt's h: its identity plus its rate along the axis
+            flat_steps[i, k] = ids[n] + (2 * rates[n] - 1) * axis + 0.05 * rng.normal(size=d)
+    prompts = [neutral_prompt(n) for n in nouns]
+    lat = D.PromptLatents(prompts, flat_steps.mean(1), flat_steps.mean(1), flat_steps=flat_steps, capture_steps=steps)
+    scores = D.caption_axis_bias(lat, maps, nouns, ["size"])
+    assert list(scores.columns) == ["class", "attribute", "high", "low", "score", "rank"]
+    truth = pd.DataFrame({"class": nouns, "attribute": "size", "rate": [rates[n] for n in nouns]})
+    assert D.compare_with_ground_truth(scores, truth).iloc[0].rho > 0.9
+    # scores are standardised per step, then averaged: mean 0 across classes
+    assert abs(scores.score.mean()) < 1e-9
+    with pytest.raises(ValueError, match="not captured"):
+        D.caption_axis_bias(lat, {7: maps[3]}, nouns, ["size"])
+    with pytest.raises(ValueError, match="no word maps"):
+        D.caption_axis_bias(lat, {}, nouns, ["size"])
+

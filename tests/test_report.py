@@ -13,9 +13,9 @@ def _tables(run):
     t.mkdir(parents=True)
     pd.DataFrame([{"features": "diffusion (trained)", "method": "diffc", "block": "up_blocks.1", "t": 25,
                    "val_acc": 0.97, "test": "96.7 ± 0.2", "n_seeds": 3}]).to_csv(t / "probe_summary.csv", index=False)
-    pd.DataFrame([{"attribute": "size", "h neutral pass, flat": 0.8123, "text encoder": 0.31,
+    pd.DataFrame([{"attribute": "size", "h neutral prompts, flat, caption-map axes": 0.8123, "text encoder": 0.31,
                    "steer_monotonic": 1, "steer_rho": 1.0, "unused": 5},
-                  {"attribute": "shape", "h neutral pass, flat": 0.5, "text encoder": None,
+                  {"attribute": "shape", "h neutral prompts, flat, caption-map axes": 0.5, "text encoder": None,
                    "steer_monotonic": 0, "steer_rho": -0.2, "unused": 5}]).to_csv(t / "06_summary.csv", index=False)
     pd.DataFrame([{"notebook": "00_a.ipynb", "seconds": 60.0, "status": "ok", "profile": "full"},
                   {"notebook": "01_b.ipynb", "seconds": 120.4, "status": "ok", "profile": "full"}]).to_csv(

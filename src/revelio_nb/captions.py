@@ -23,6 +23,11 @@ still follow each class's own distribution, a neutral prompt ("a drawing of a co
 default association, which is what the Decoding Diffusion bias analysis measures. The rate table of the words
 actually written in the captions (:func:`ground_truth`) is the ground truth that analysis is checked against.
 
+Size, shape and texture carry the data's natural class associations (elephants large, giraffes tall, zebras
+textured). Facing has none in the raw data (every class faces right 32-60 % of the time), so the text model is
+trained on ``"animal-mnist+facing"``: the same images, some mirrored, so that each class faces right at a planted
+rate (:func:`plant_facing`, :data:`PLANTED_FACING_RIGHT`); its captions are measured like all others.
+
 Images may be uint8 (N, H, W[, C]) in 0..255 or float in [-1, 1] as (N, C, H, W) tensors/arrays (what
 :func:`revelio_nb.sampling.sample` returns) or (N, H, W, C) arrays. Measure training images and generated
 images at the same size (the model sees 28x28 Animal-MNIST padded to 32x32, so captions are measured on the
@@ -32,7 +37,7 @@ padded images).
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -182,6 +187,45 @@ ATTRIBUTES: dict[str, Attribute] = {
     "texture": Attribute("texture", "textured", "plain", texture, quantiles=(0.5, 0.8)),
     "facing": Attribute("facing", "right", "left", facing, phrase="facing {word}", slot="post"),
 }
+
+
+# ------------------------------------------------------------------------------------------ planted associations
+
+# Share of right-facing images per Animal-MNIST class in the "+facing" variant of the dataset. The natural data has
+# no class-facing association (every class faces right 32-60 % of the time), so without planting there is nothing
+# for a bias analysis to recover; these rates spread 0.1..0.9 in an order unrelated to size, shape or texture.
+PLANTED_FACING_RIGHT: dict[str, float] = {
+    "bear": 0.7, "bird": 0.2, "cat": 0.9, "cow": 0.3, "dog": 0.55,
+    "elephant": 0.1, "giraffe": 0.8, "horse": 0.4, "sheep": 0.6, "zebra": 0.45,
+}
+
+
+def plant_facing(ds, right_rates: dict[str, float] | None = None, seed: int = 0):
+    """The dataset with a planted class-facing association: each image is mirrored when needed so that it faces
+    right with its class's probability (``right_rates``, default :data:`PLANTED_FACING_RIGHT`).
+
+    For every image a seeded draw picks the side it should face; an image whose measured :func:`facing` points
+    the other way is mirrored (mirroring flips the measured sign exactly), one with no measurable side (0) is
+    kept. Images stay real silhouettes, labels and splits are unchanged, and the captions are then *measured* on
+    the planted images as on any others, so the ground truth stays the rate in the captions.
+    """
+    rates = dict(PLANTED_FACING_RIGHT if right_rates is None else right_rates)
+    missing = [c for c in ds.class_names if c not in rates]
+    bad = {c: r for c, r in rates.items() if not 0.0 <= float(r) <= 1.0}
+    if missing or bad:
+        raise ValueError(f"right_rates must give a probability in [0, 1] for every class of {ds.name!r}; "
+                         f"missing: {missing}, out of range: {bad}; classes: {ds.class_names}")
+    p_right = np.array([float(rates[c]) for c in ds.class_names])[ds.labels]
+    want_right = np.random.default_rng(seed).random(len(ds)) < p_right
+    v = facing(ds.images)
+    flip = (v != 0) & ((v > 0) != want_right)
+    images = ds.images.copy()
+    images[flip] = images[flip][:, :, ::-1]
+    return replace(ds, name=f"{ds.name}+facing", images=images, labels=ds.labels.copy())
+
+
+# "<dataset>+<name>" in :func:`revelio_nb.data.load_dataset` applies PLANTS[name] to the dataset
+PLANTS: dict[str, Callable[..., Any]] = {"facing": plant_facing}
 
 
 def _check_attributes(names: list[str] | tuple[str, ...] | None) -> list[str]:

@@ -266,12 +266,23 @@ def load_dataset(
     """Load a dataset by name with fixed stratified splits.
 
     ``name``: ``"animal-mnist"`` | ``"digits"`` | a local class-per-subfolder image folder |
-    ``"hf:<hub name>"`` (or any other string, tried on the Hugging Face hub).
+    ``"hf:<hub name>"`` (or any other string, tried on the Hugging Face hub); ``"<name>+facing"``: that dataset
+    with a planted class-facing association (:func:`revelio_nb.captions.plant_facing`, the text model's data).
     ``classes`` keeps only those class ids (re-numbered), after splitting, so splits stay the same images.
     """
     if not isinstance(name, (str, os.PathLike)) or not str(name):
         raise DatasetError(f"dataset name must be a non-empty string, got {name!r}; embedded: {list(EMBEDDED_DATASETS)}")
     key = str(name)
+    base, plus, plant = key.rpartition("+")
+    if plus and base and not Path(key).expanduser().exists():  # "<dataset>+<plant>": a planted association
+        from .captions import PLANTS
+
+        if plant not in PLANTS:
+            raise DatasetError(f"unknown planted variant {plant!r} in dataset {key!r}; valid: "
+                               f"{[f'{base}+{p}' for p in PLANTS]}")
+        ds = PLANTS[plant](load_dataset(base, split_fractions=split_fractions, split_seed=split_seed,
+                                        image_column=image_column, label_column=label_column, max_images=max_images))
+        return _subset(ds, classes, key)
     if key == "animal-mnist":
         images, labels, class_names = _load_animal_mnist()
     elif key == "digits":
@@ -289,10 +300,14 @@ def load_dataset(
             )
         images, labels, class_names = _load_hf(hub, image_column, label_column, max_images)
     splits = stratified_splits(labels, split_fractions, split_seed)
-    ds = ImageDataset(key, images, labels, class_names, splits, split_seed)
-    if classes is not None:
-        bad = [c for c in classes if not 0 <= int(c) < len(class_names)]
-        if bad or not classes:
-            raise DatasetError(f"classes {classes} invalid for {key!r}: valid ids 0..{len(class_names) - 1} ({class_names})")
-        ds = ds.subset_classes([int(c) for c in classes])
-    return ds
+    return _subset(ImageDataset(key, images, labels, class_names, splits, split_seed), classes, key)
+
+
+def _subset(ds: ImageDataset, classes: list[int] | None, key: str) -> ImageDataset:
+    if classes is None:
+        return ds
+    bad = [c for c in classes if not 0 <= int(c) < len(ds.class_names)]
+    if bad or not classes:
+        raise DatasetError(f"classes {classes} invalid for {key!r}: valid ids 0..{len(ds.class_names) - 1} "
+                           f"({ds.class_names})")
+    return ds.subset_classes([int(c) for c in classes])

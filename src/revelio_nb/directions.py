@@ -157,6 +157,13 @@ def _scheduler(model: DiffusionModel, steps: int):
     return sched
 
 
+def step_index(model: DiffusionModel, steps: int, t: int) -> int:
+    """The DDIM step (0 = pure noise) whose timestep is closest to ``t``, e.g. to read h of sampled prompts at the
+    timestep of the caption map (``SampleConfig(capture_steps=[step_index(m, steps, t_map)])``)."""
+    ts = np.asarray(_scheduler(model, steps).timesteps)
+    return int(np.argmin(np.abs(ts - model.check_timestep(t))))
+
+
 def _start_noise(model: DiffusionModel, n_seeds: int, seed: int, size: int) -> torch.Tensor:
     """The same starting noise :func:`revelio_nb.sampling.sample` draws for ``n=n_seeds, seed=seed``."""
     g = torch.Generator().manual_seed(seed)
@@ -191,8 +198,9 @@ def generate(
     ``on_h(prompt_index, step, hs)`` receives, at every step, ``hs = {"prompt": h}`` (the output of ``config.block``
     in the conditional pass, (n_seeds, ...)) plus ``hs["neutral"]`` (the same block in the neutral-prompt pass on
     the same x_t) whenever that pass runs: under CFG, or when ``h_condition`` asks for it (then it is an extra
-    pass that does not change the images). ``steer`` (a registered :class:`SteeringHook`) is switched on only at
-    ``steer_steps`` if given; under CFG it is added in both passes.
+    pass that does not change the images, run only at ``capture_steps`` when they are given). ``steer`` (a
+    registered :class:`SteeringHook`) is switched on only at ``steer_steps`` if given; under CFG it is added in
+    both passes.
     """
     cfg = (config or SampleConfig()).validate()
     if model.kind != "unet_cond":
@@ -203,7 +211,11 @@ def generate(
     size = model.check_image_size(cfg.image_size or model.native_image_size)
     x0 = _start_noise(model, cfg.n_seeds, cfg.seed, size)
     guided = cfg.guidance_scale != 1.0
-    two_pass = guided or (on_h is not None and cfg.h_condition != "prompt")
+    extra_neutral = not guided and on_h is not None and cfg.h_condition != "prompt"
+    neutral_at = None if guided or cfg.capture_steps is None else set(cfg.capture_steps)
+
+    def two_pass(step: int) -> bool:
+        return guided or (extra_neutral and (neutral_at is None or step in neutral_at))
     per_chunk = max(1, cfg.batch_size // cfg.n_seeds)
     module = _block_module(model, cfg.block) if on_h is not None else None
     out = []
@@ -213,8 +225,7 @@ def generate(
         first = ci * per_chunk
         n = len(chunk) * cfg.n_seeds
         cond = model.conditioning(n, prompts=[p for p in chunk for _ in range(cfg.n_seeds)])
-        if two_pass:
-            cond = _cat_cond(cond, model.conditioning(n))
+        cond2 = _cat_cond(cond, model.conditioning(n)) if guided or extra_neutral else None
         sched = _scheduler(model, cfg.steps)
         x = x0.repeat(len(chunk), 1, 1, 1).to(model.device, model.dtype)
         captured: dict[str, torch.Tensor] = {}
@@ -223,16 +234,16 @@ def generate(
             def grab(mod, args, output):
                 h = normalise_output(output, tuple(x.shape[-2:])).detach()
                 captured["prompt"] = h[:n]
-                if two_pass:
+                if len(h) > n:
                     captured["neutral"] = h[n:]
             handle = module.register_forward_hook(grab)
         try:
             for i, t in enumerate(sched.timesteps):
                 if steer is not None:
                     steer.active = steer_steps is None or i in steer_steps
-                xin = torch.cat([x, x]) if two_pass else x
-                eps = model.denoise(xin, int(t), cond)
-                if two_pass:
+                both = two_pass(i)
+                eps = model.denoise(torch.cat([x, x]) if both else x, int(t), cond2 if both else cond)
+                if both:
                     eps_c, eps_u = eps.chunk(2)
                     eps = eps_u + cfg.guidance_scale * (eps_c - eps_u) if guided else eps_c
                 if on_h is not None:
@@ -269,7 +280,9 @@ class PromptLatents:
     reference: dict[str, np.ndarray] = field(default_factory=dict)  # form -> (d,) mean subtracted by get()
     pooled_steps: np.ndarray | None = None  # (P, steps, C)
     shape: tuple[int, ...] | None = None  # (C, h, w) of the block output
-    images: np.ndarray | None = None  # uint8 (P, S, H, W, C) when kept
+    flat_steps: np.ndarray | None = None  # (P, len(capture_steps), C*h*w): flat h of each capture step, when > 1
+    capture_steps: list[int] | None = None  # the steps averaged into ``flat``
+    images: np.ndarray | None = None  # uint8 (P, S, H, W, C) when kept (see :meth:`images_of`)
     source: str = ""
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -307,6 +320,23 @@ class PromptLatents:
                 self.reference[form] = arr[self.indices(list(reference))].mean(0)
         return self
 
+    def at_step(self, step: int) -> "PromptLatents":
+        """These prompts' latents from one capture step alone (flat and pooled h of that step, same reference
+        rule: the mean over these prompts)."""
+        if not self.capture_steps or step not in self.capture_steps:
+            raise ValueError(f"step {step} was not captured; capture_steps: {self.capture_steps}")
+        flat = self.flat if len(self.capture_steps) == 1 else self.flat_steps[:, self.capture_steps.index(step)]
+        pooled = self.pooled_steps[:, step] if self.pooled_steps is not None else self.pooled
+        return PromptLatents(self.prompts, pooled, flat, shape=self.shape, images=self.images,
+                             source=f"{self.source} @ step {step}", config=self.config, capture_steps=[step])
+
+    def images_of(self, prompts: str | Sequence[str]) -> np.ndarray:
+        """The kept images of some prompts, all seeds, stacked: uint8 (sum of seeds, H, W, C)."""
+        if self.images is None:
+            raise ValueError("these prompt latents kept no images: compute them with keep_images=True")
+        idx = self.indices([prompts] if isinstance(prompts, str) else list(prompts))
+        return self.images[idx].reshape(-1, *self.images.shape[2:])
+
     def indices(self, prompts: Sequence[str]) -> np.ndarray:
         missing = [p for p in prompts if p not in self._index]
         if missing:
@@ -329,7 +359,7 @@ class PromptLatents:
 def _latents_key(model: DiffusionModel, prompts: list[str], cfg: SampleConfig, keep_images: bool) -> str:
     run = {k: v for k, v in asdict(cfg).items() if k != "h_condition"}  # one sampling run serves both conditions
     return config_hash({"model": model.model_id, "weights": model.weights_hash, "prompts": prompts,
-                        "config": run, "images": keep_images, "v": 2})
+                        "config": run, "images": keep_images, "v": 3})
 
 
 def _save_run(folder: Path, prompts: list[str], arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
@@ -354,9 +384,11 @@ def _latents_from_run(arrays: dict[str, np.ndarray], meta: dict[str, Any], condi
                       config: dict[str, Any]) -> PromptLatents:
     steps = arrays[f"{condition}.pooled_steps"]
     idx = list(range(steps.shape[1])) if capture_steps is None else list(capture_steps)
+    flat_steps = arrays.get(f"{condition}.flat_steps")
     return PromptLatents(meta["prompts"], steps[:, idx].mean(1).astype(np.float32), arrays[f"{condition}.flat"],
                          pooled_steps=steps, shape=tuple(meta["shape"]), images=arrays.get("images"),
-                         source=f"{meta['source']} (h: {condition} pass)", config=config)
+                         source=f"{meta['source']} (h: {condition} pass)", config=config,
+                         flat_steps=flat_steps, capture_steps=list(meta["capture_steps"]))
 
 
 def prompt_latents(
@@ -382,7 +414,7 @@ def prompt_latents(
     if cache and (hit := _load_run(folder)) is not None and f"{cfg.h_condition}.flat" in hit[0]:
         return _latents_from_run(*hit, cfg.h_condition, cfg.capture_steps, asdict(cfg))
     n_p, steps = len(prompts), cfg.steps
-    keep = set(cfg.capture_steps) if cfg.capture_steps is not None else set(range(steps))
+    keep = sorted(cfg.capture_steps) if cfg.capture_steps is not None else list(range(steps))
     acc: dict[str, np.ndarray] = {}
     shape: list[tuple[int, ...]] = []
 
@@ -390,12 +422,17 @@ def prompt_latents(
         for cond, h in hs.items():
             if f"{cond}.flat" not in acc:
                 shape[:] = [tuple(h.shape[1:])]
-                acc[f"{cond}.pooled_steps"] = np.zeros((n_p, steps, h.shape[1]), np.float32)
+                # NaN marks steps without this pass (the extra neutral pass runs only at capture_steps)
+                acc[f"{cond}.pooled_steps"] = np.full((n_p, steps, h.shape[1]), np.nan, np.float32)
                 acc[f"{cond}.flat"] = np.zeros((n_p, int(np.prod(h.shape[1:]))), np.float64)
+                if len(keep) > 1:
+                    acc[f"{cond}.flat_steps"] = np.zeros((n_p, len(keep), int(np.prod(h.shape[1:]))), np.float32)
             hm = h.mean(0)  # mean over seeds
             acc[f"{cond}.pooled_steps"][p, i] = hm.flatten(1).mean(1).numpy() if hm.ndim > 1 else hm.numpy()
             if i in keep:
                 acc[f"{cond}.flat"][p] += hm.reshape(-1).double().numpy() / len(keep)
+                if len(keep) > 1:
+                    acc[f"{cond}.flat_steps"][p, keep.index(i)] = hm.reshape(-1).numpy()
 
     images = generate(model, prompts, cfg, on_h=on_h, progress=progress, desc="prompt latents")
     arrays = {k: v.astype(np.float32) for k, v in acc.items()}
@@ -519,6 +556,35 @@ def bias_scores(lat: PromptLatents, nouns: Sequence[str], attributes: Sequence[s
                 score = float((h - lo) @ d / max(float(d @ d), 1e-12))
             rows.append({"class": noun, "attribute": attr, "high": a.high, "low": a.low, "score": score})
     df = pd.DataFrame(rows)
+    df["rank"] = df.groupby("attribute")["score"].rank(ascending=False, method="min").astype(int)
+    return df
+
+
+def caption_axis_bias(lat: PromptLatents, word_maps: dict[int, "WordMap"], nouns: Sequence[str],
+                      attributes: Sequence[str] | None = None, form: str = "flat", method: str = "mean_diff",
+                      template: str | None = None) -> pd.DataFrame:
+    """Bias read along the sampling trajectory with axes named by caption words (METHODS.md §2 steps 3-4).
+
+    ``word_maps`` maps a capture step of ``lat`` to a :class:`WordMap` fitted on real captioned images noised to
+    that step's timestep (:func:`step_index` gives the step of a timestep). At each step the neutral prompts'
+    h is projected on the attribute's word axis (high word - low word, :func:`word_axis`), centred on the mean
+    of ``lat``'s prompts; the scores are standardised across nouns per (step, attribute) and averaged over the
+    steps. Same layout as :func:`bias_scores` (one row per noun and attribute, ``score``, ``rank``).
+    """
+    if not word_maps:
+        raise ValueError("no word maps given: pass {capture step: WordMap}")
+    attributes = list(ATTRIBUTES) if attributes is None else list(attributes)
+    per_step = []
+    for step, wm in word_maps.items():
+        one = lat.at_step(step)
+        axes = {a: word_axis(wm, a, method) for a in attributes}
+        table = score_table(bias_scores(one, nouns, attributes, form=form, axes=axes, template=template))
+        per_step.append((table - table.mean()) / table.std(ddof=0).replace(0, 1))
+    mean = sum(per_step) / len(per_step)
+    df = mean.rename_axis(index="class", columns="attribute").reset_index().melt(
+        id_vars="class", var_name="attribute", value_name="score")
+    df.insert(2, "high", df["attribute"].map(lambda a: ATTRIBUTES[a].high))
+    df.insert(3, "low", df["attribute"].map(lambda a: ATTRIBUTES[a].low))
     df["rank"] = df.groupby("attribute")["score"].rank(ascending=False, method="min").astype(int)
     return df
 
@@ -969,13 +1035,11 @@ def generated_attribute_scores(lat: PromptLatents, nouns: Sequence[str], attribu
     ``score`` is the mean measured value; with the captions' ``thresholds`` (low, high) it is instead the caption
     rule applied to the generated images: n_high / (n_high + n_low), directly comparable to the ground-truth rate.
     """
-    if lat.images is None:
-        raise ValueError("these prompt latents kept no images: compute them with keep_images=True")
     attributes = list(ATTRIBUTES) if attributes is None else list(attributes)
     kw = {} if template is None else {"template": template}
     rows = []
     for noun in nouns:
-        imgs = lat.images[lat.indices([neutral_prompt(noun, **kw)])[0]]
+        imgs = lat.images_of(neutral_prompt(noun, **kw))
         for a in attributes:
             v = ATTRIBUTES[a].measure(imgs)
             if thresholds is not None:
@@ -997,8 +1061,6 @@ def prompt_following(lat: PromptLatents, nouns: Sequence[str], attributes: Seque
     the high-word, neutral and low-word prompts of every noun (needs ``keep_images``), with the standardised
     difference d = (mean_high - mean_low) / pooled std. An attribute the model does not follow (d near 0) gives
     a prompt-pair axis made of noise."""
-    if lat.images is None:
-        raise ValueError("these prompt latents kept no images: compute them with keep_images=True")
     attributes = list(ATTRIBUTES) if attributes is None else list(attributes)
     kw = {} if template is None else {"template": template}
     rows = []
@@ -1009,8 +1071,7 @@ def prompt_following(lat: PromptLatents, nouns: Sequence[str], attributes: Seque
                   "neutral": [neutral_prompt(n, **kw) for n in nouns],
                   "low": [attribute_prompt(n, attr, a.low, **kw) for n in nouns]}
         for key, prompts in groups.items():
-            imgs = lat.images[lat.indices(prompts)]
-            vals[key] = a.measure(imgs.reshape(-1, *imgs.shape[2:]))
+            vals[key] = a.measure(lat.images_of(prompts))
         sd = np.sqrt((vals["high"].var(ddof=1) + vals["low"].var(ddof=1)) / 2)
         rows.append({"attribute": attr, "high": a.high, "low": a.low, "mean_high": float(vals["high"].mean()),
                      "mean_neutral": float(vals["neutral"].mean()), "mean_low": float(vals["low"].mean()),

@@ -19,7 +19,7 @@ import copy
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +118,9 @@ EMBEDDED_MODELS: dict[str, EmbeddedSpec] = {
     "animals-unet-text": EmbeddedSpec(
         description="text-conditioned pixel UNet2DConditionModel; cross-attention on frozen MiniLM token embeddings "
         "of captions with measured attributes (revelio_nb.captions v2: largest-component masks, tertiles, texture "
-        "top 20 % / bottom 50 %, p_mention=0.8)",
+        "top 20 % / bottom 50 %, p_mention=0.8), trained on Animal-MNIST with a planted class-facing association "
+        "(captions.PLANTED_FACING_RIGHT)",
+        dataset="animal-mnist+facing",
         conditioning="text",
         captions="revelio_nb.captions:animal_captions",
         arch_kwargs=dict(
@@ -136,6 +138,12 @@ EMBEDDED_MODELS: dict[str, EmbeddedSpec] = {
         train=TrainConfig(steps=900, batch_size=64),
     ),
 }
+# the conditioning comparison (notebook 05) needs the text model on the same images as the others, at their budget
+EMBEDDED_MODELS["animals-unet-text-ref"] = replace(
+    EMBEDDED_MODELS["animals-unet-text"], dataset="animal-mnist",
+    description="the text-conditioned UNet on plain Animal-MNIST at the comparison budget (250 steps): the "
+    "language-conditioning entry of the comparisons",
+    train=TrainConfig(steps=250, batch_size=64, warmup_steps=25))
 
 
 def embedded_names() -> list[str]:

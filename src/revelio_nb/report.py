@@ -22,8 +22,10 @@ from .probes import results_markdown
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 # notebook 06 columns shown in the README, in this order (the primary score first)
 DIRECTION_COLUMNS = {
-    "h neutral pass, flat": "rho: h (primary)",
-    "h neutral pass, flat, caption-map axes": "rho: h, caption-map axes",
+    "h neutral prompts, flat, caption-map axes": "rho: h (primary)",
+    "primary, min over seed sets": "rho: primary, worst seed set",
+    "primary, all seed sets": "rho: primary, all seed sets",
+    "h prompt pass, flat": "rho: h, prompt-pair axes",
     "text encoder": "rho: text encoder",
     "generated images (measured)": "rho: generated images",
     "steer_monotonic": "steering monotonic",
