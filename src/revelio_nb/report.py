@@ -78,8 +78,12 @@ def run_markdown(run_dir: str | Path) -> str:
     d = directions_markdown(run_dir)
     if d:
         parts.append("Decoding Diffusion (notebook 06): Spearman rho across the 10 classes between each attribute's "
-                     "bias score and its rate in the training captions; steering = the attribute measured on images "
-                     "generated with the attribute axis added to h.\n\n" + d)
+                     "bias score and its rate in the training captions. Primary = neutral-prompt h (neutral pass, "
+                     "flattened, at the caption maps' timesteps) projected on caption-map word axes, first seed set; "
+                     "worst seed set / all seed sets = the same over the independent seed sets; prompt-pair axes = "
+                     "the paper's axes on the prompt pass; generated images = the attribute measured on what the "
+                     "neutral prompts draw; steering = the attribute measured on images generated with the "
+                     "prompt-pair axis added to h.\n\n" + d)
     t = timings_markdown(run_dir)
     if t:
         parts.append(t)
