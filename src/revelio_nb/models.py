@@ -53,6 +53,15 @@ class EmbeddedSpec:
     captions: str | None = None  # "module:function" returning one caption per dataset image (text models)
     description: str = ""
 
+    def identity(self) -> dict[str, Any]:
+        """Everything that changes the trained weights (the cache key): not the free-text description, not how
+        often checkpoints are written, not the thread count (training is deterministic across both)."""
+        d = asdict(self)
+        d.pop("description")
+        for k in ("checkpoint_every", "num_threads"):
+            d["train"].pop(k)
+        return d
+
 
 UNET_SMALL = dict(
     block_out_channels=(32, 64, 64),
@@ -589,7 +598,7 @@ def embedded_folder(name: str, train_steps: int | None = None) -> tuple[Embedded
             raise ModelLoadError(f"train_steps must be a positive integer, got {train_steps!r}")
         spec.train.steps = int(train_steps)
         spec.train.warmup_steps = min(spec.train.warmup_steps, max(1, spec.train.steps // 10))
-    return spec, cache_dir("models") / f"{name}-{config_hash(asdict(spec))}"
+    return spec, cache_dir("models") / f"{name}-{config_hash(spec.identity())}"
 
 
 def ensure_embedded(name: str, train_steps: int | None = None, progress: bool = True) -> Path:
