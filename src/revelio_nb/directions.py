@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from .captions import ATTRIBUTES, attribute_prompt, neutral_prompt
 from .hooks import normalise_output, validate_blocks
 from .models import DiffusionModel
-from .paths import atomic_write_json, cache_dir, config_hash
+from .paths import atomic_path, atomic_write_json, cache_dir, config_hash
 
 FORMS = ("pooled", "flat")
 SCORE_METHODS = ("axis", "pair")
@@ -366,9 +366,8 @@ def _save_run(folder: Path, prompts: list[str], arrays: dict[str, np.ndarray], m
     from safetensors.numpy import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "latents.safetensors.tmp"
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
-    tmp.replace(folder / "latents.safetensors")
+    with atomic_path(folder / "latents.safetensors") as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
     atomic_write_json(folder / "latents.json", {"prompts": prompts, **meta})
 
 

@@ -19,7 +19,7 @@ import pandas as pd
 from . import features, latents, sae
 from .data import ImageDataset, load_dataset
 from .models import DiffusionModel, load_model
-from .paths import cache_dir, config_hash, results_dir
+from .paths import atomic_path, cache_dir, config_hash, file_lock, results_dir
 
 INDEX_COLUMNS = ["hookpoint", "model", "block", "t", "pooling", "sae_dir", "latents_dir", "store_dir",
                  "embedding_store_dir", "dataset", "split"]
@@ -110,14 +110,20 @@ def train_hookpoints(run: HookpointRun, hookpoints: list[tuple[str, int]], progr
 
 
 def write_index(run_dir, rows: list[dict]) -> pd.DataFrame:
-    """Merge rows into ``<run_dir>/sae/hookpoints.csv`` (same hookpoint label: replaced) and return the table."""
+    """Merge rows into ``<run_dir>/sae/hookpoints.csv`` (same hookpoint label: replaced) and return the table.
+
+    Safe with concurrent writers: the read-modify-write holds an exclusive file lock, and the file is replaced
+    atomically (readers never see half of it).
+    """
     path = results_dir(run_dir) / "sae" / "hookpoints.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     new = pd.DataFrame([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows])
-    if path.is_file():
-        old = pd.read_csv(path)
-        new = pd.concat([old[~old.hookpoint.isin(new.hookpoint)], new], ignore_index=True)
-    new.to_csv(path, index=False)
+    with file_lock(path):
+        if path.is_file():
+            old = pd.read_csv(path)
+            new = pd.concat([old[~old.hookpoint.isin(new.hookpoint)], new], ignore_index=True)
+        with atomic_path(path) as tmp:
+            new.to_csv(tmp, index=False)
     return new
 
 

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .paths import atomic_write_json, config_hash
+from .paths import atomic_path, atomic_write_json, config_hash
 
 TOKEN_MODES = ("auto", "pooled", "spatial")
 B_DEC_INITS = ("median", "mean", "zeros")
@@ -410,9 +410,8 @@ class SparseAutoencoder(nn.Module):
             "b_dec": self.b_dec.detach() * s,
         }
         tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
-        tmp = folder / f".sae.safetensors.tmp{os.getpid()}"
-        save_file(tensors, str(tmp), metadata=metadata or {})
-        os.replace(tmp, folder / "sae.safetensors")
+        with atomic_path(folder / "sae.safetensors") as tmp:
+            save_file(tensors, str(tmp), metadata=metadata or {})
         atomic_write_json(folder / "cfg.json", self.config_dict())
         return folder
 
@@ -641,9 +640,8 @@ def _save_optimizer(path: Path, opt: torch.optim.Optimizer, extra: dict[str, Ten
     tensors = {f"state.{i}.{name}": t.detach().cpu().contiguous() for i, st in sd["state"].items()
                for name, t in st.items()}
     tensors.update({k: v.detach().cpu().contiguous() for k, v in extra.items()})
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={**(metadata or {}), "step": str(step)})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={**(metadata or {}), "step": str(step)})
 
 
 def _load_optimizer(path: Path, opt: torch.optim.Optimizer, device: torch.device) -> dict[str, Tensor]:
