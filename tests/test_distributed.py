@@ -179,7 +179,8 @@ def test_precision_autocast_changes_features_a_little_and_the_identity(tiny, tmp
     assert not np.array_equal(a, b)  # the denoiser really ran under bf16 autocast
     assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
     assert bf16.config["precision"] == "bf16" and b.dtype == np.float32
-    assert default_store_dir(config(folder), model, ds) != default_store_dir(config(folder, precision="fp16"), model, ds)
+    assert default_store_dir(config(folder), model, ds) != default_store_dir(config(folder, precision="fp16"), model,
+                                                                             ds)
     with pytest.raises(ValueError, match=r"precision 'fp8' is not one of \['fp32', 'fp16', 'bf16'\]"):
         config(folder, precision="fp8").validate()
     with pytest.raises(StoreMismatchError, match="precision: store has .bf16."):  # a store made at another precision is refused

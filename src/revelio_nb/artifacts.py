@@ -14,13 +14,14 @@ k-SAE                  the training store's key + block + timestep + SAE archite
 latent statistics      the SAE (its folder) + the evaluation store's key + ``top_n``          :func:`latents_dir`
 prompt latents         model identity + prompts + sampling config (not ``h_condition``: one   :func:`prompt_latents_dir`
                        run serves both) + whether images are kept
-browser caches         2-D embedding: method, seed, t-SNE subset size, store key, block, t;   :func:`embedding_cache_key`,
-                       firing index: the SAE weights file, store key, block, t                :func:`firing_cache_key`
+browser caches         2-D embedding: method, seed, t-SNE subset size, store key, block, t;   ``embedding_cache_key``,
+                       firing index: the SAE weights file, store key, block, t                ``firing_cache_key``
 embedded models        :meth:`revelio_nb.models.EmbeddedSpec.identity` (training recipe)      ``models.embedded_folder``
 =====================  =====================================================================  ======================
 
-The *model identity* is its id, its ``weights_hash`` (the loader's content hash of the weights it holds) and its
-noise scheduler's configuration (the betas that drive the noise). Harmless inputs (device, progress bars, how
+The *model identity* is its ``weights_hash`` (the loader's content hash of the weights it holds), its noise
+scheduler's configuration (the betas that drive the noise) and its id (which alone changes no number; it is kept
+so that two models differing only in a part the weights hash may not cover are never confused). Harmless inputs (device, progress bars, how
 often checkpoints are written, free-text descriptions) stay out, so changing them reuses the cache. Each key
 also carries a format number (:data:`FORMATS`), bumped whenever the code that produces an artefact changes its
 numbers.

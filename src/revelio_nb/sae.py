@@ -556,7 +556,8 @@ class ArraySource:
         pread for memory-mapped files, like :meth:`gather`). A resume on other features of the same shape is
         refused by it (see :func:`train_sae`)."""
         n_sample = int(np.clip(self.fingerprint_bytes // max(1, self._row_bytes), 8, 256))
-        sample = np.unique(self.rows[np.linspace(0, len(self.rows) - 1, min(n_sample, len(self.rows))).astype(np.int64)])
+        at = np.linspace(0, len(self.rows) - 1, min(n_sample, len(self.rows))).astype(np.int64)
+        sample = np.unique(self.rows[at])
         if self._file is None:
             data = np.ascontiguousarray(self.array[sample])
         else:
