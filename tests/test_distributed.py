@@ -109,7 +109,7 @@ def test_default_store_dir_is_shared_by_ranks(tiny, tmp_path, no_dist_env, monke
     monkeypatch.setenv("REVELIO_CACHE", str(tmp_path / "cache"))
     cfg = config(folder, timesteps=[10], max_images=16)
     store = D.extract_distributed(cfg, model, ds, progress=False)
-    assert store.path == default_store_dir(cfg, model.weights_hash)
+    assert store.path == default_store_dir(cfg, model, ds)
 
 
 # ------------------------------------------------------------------------------------------ pieces
@@ -179,7 +179,8 @@ def test_precision_autocast_changes_features_a_little_and_the_identity(tiny, tmp
     assert not np.array_equal(a, b)  # the denoiser really ran under bf16 autocast
     assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
     assert bf16.config["precision"] == "bf16" and b.dtype == np.float32
-    assert default_store_dir(config(folder), "w") != default_store_dir(config(folder, precision="fp16"), "w")
+    assert default_store_dir(config(folder), model, ds) != default_store_dir(config(folder, precision="fp16"), model,
+                                                                             ds)
     with pytest.raises(ValueError, match=r"precision 'fp8' is not one of \['fp32', 'fp16', 'bf16'\]"):
         config(folder, precision="fp8").validate()
     with pytest.raises(StoreMismatchError, match="precision: store has .bf16."):  # a store made at another precision is refused

@@ -13,7 +13,9 @@ One call, :func:`load_dataset`, serves every source:
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
+import json
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -63,6 +65,33 @@ class ImageDataset:
     @property
     def channels(self) -> int:
         return int(self.images.shape[-1])
+
+    @property
+    def fingerprint(self) -> str:
+        """Content hash of everything in the dataset that changes a result computed on it: the image bytes (and
+        their shape), the labels, the class names and the split (seed and assignment); not its display name.
+
+        sha256, about 0.1 s for 70k 28x28 images; cached on the object (recomputed when ``images``, ``labels``,
+        ``splits``, ``class_names`` or ``split_seed`` are replaced, not when an array is edited in place).
+        """
+        arrays = (self.images, self.labels, *self.splits.values())
+        token = (tuple((id(a), a.__array_interface__["data"][0], a.shape) for a in arrays), tuple(self.splits),
+                 tuple(self.class_names), self.split_seed)
+        cached = self.__dict__.get("_fingerprint")
+        if cached is not None and cached[0] == token:
+            return cached[1]
+        h = hashlib.sha256()
+        h.update(json.dumps({"images": [list(self.images.shape), str(self.images.dtype)],
+                             "class_names": [str(c) for c in self.class_names], "split_seed": int(self.split_seed),
+                             "splits": {k: len(v) for k, v in sorted(self.splits.items())}}).encode())
+        for start in range(0, len(self.images), 4096):  # in row blocks: no copy of the whole array
+            h.update(np.ascontiguousarray(self.images[start:start + 4096]).view(np.uint8).reshape(-1))
+        h.update(np.ascontiguousarray(self.labels, dtype=np.int64).tobytes())
+        for name in sorted(self.splits):
+            h.update(name.encode() + b"\0" + np.ascontiguousarray(self.splits[name], dtype=np.int64).tobytes())
+        fingerprint = h.hexdigest()[:16]
+        self.__dict__["_fingerprint"] = (token, fingerprint)
+        return fingerprint
 
     def split(self, name: str) -> np.ndarray:
         """Indices of one split; unknown names and empty splits are clear errors."""

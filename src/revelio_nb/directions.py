@@ -34,10 +34,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from . import artifacts
 from .captions import ATTRIBUTES, attribute_prompt, neutral_prompt
 from .hooks import normalise_output, validate_blocks
 from .models import DiffusionModel
-from .paths import atomic_write_json, cache_dir, config_hash
+from .paths import atomic_path, atomic_write_json
 
 FORMS = ("pooled", "flat")
 SCORE_METHODS = ("axis", "pair")
@@ -356,19 +357,12 @@ class PromptLatents:
         return out[0] if single else out
 
 
-def _latents_key(model: DiffusionModel, prompts: list[str], cfg: SampleConfig, keep_images: bool) -> str:
-    run = {k: v for k, v in asdict(cfg).items() if k != "h_condition"}  # one sampling run serves both conditions
-    return config_hash({"model": model.model_id, "weights": model.weights_hash, "prompts": prompts,
-                        "config": run, "images": keep_images, "v": 3})
-
-
 def _save_run(folder: Path, prompts: list[str], arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
     from safetensors.numpy import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "latents.safetensors.tmp"
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
-    tmp.replace(folder / "latents.safetensors")
+    with atomic_path(folder / "latents.safetensors") as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
     atomic_write_json(folder / "latents.json", {"prompts": prompts, **meta})
 
 
@@ -402,7 +396,7 @@ def prompt_latents(
 ) -> PromptLatents:
     """h of every prompt: sampled with ``n_seeds`` paired seeds, captured at each step, averaged over seeds and
     (``capture_steps`` of) steps. ``config.h_condition`` picks the pass h is read from ("prompt" or "neutral",
-    see :class:`SampleConfig`). Cached by (model weights, prompts, sampling config) under ``cache_dir("directions")``;
+    see :class:`SampleConfig`). Cached by (model identity, prompts, sampling config) under ``cache_dir("directions")``;
     a run that had both passes (CFG) serves both conditions. The reference mean defaults to the mean over these
     prompts (change it with :meth:`PromptLatents.set_reference`).
     """
@@ -410,7 +404,7 @@ def prompt_latents(
     prompts = list(dict.fromkeys(prompts))
     if not prompts:
         raise ValueError("no prompts given")
-    folder = cache_dir("directions") / f"latents-{_latents_key(model, prompts, cfg, keep_images)}"
+    folder = artifacts.prompt_latents_dir(model, prompts, cfg, keep_images)
     if cache and (hit := _load_run(folder)) is not None and f"{cfg.h_condition}.flat" in hit[0]:
         return _latents_from_run(*hit, cfg.h_condition, cfg.capture_steps, asdict(cfg))
     n_p, steps = len(prompts), cfg.steps

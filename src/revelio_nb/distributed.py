@@ -183,12 +183,12 @@ def extract_distributed(
         # Rank 0 first: it may download or train the model and creates / verifies / repairs the store.
         if ctx.is_coordinator:
             m, ds = load()
-            path = Path(out_dir) if out_dir is not None else default_store_dir(cfg, m.weights_hash)
+            path = Path(out_dir) if out_dir is not None else default_store_dir(cfg, m, ds)
             extract_features(cfg, m, ds, out_dir=path, writer="rank0", chunks=[], progress=False)
         ctx.barrier()
         if not ctx.is_coordinator:
             m, ds = load()
-            path = Path(out_dir) if out_dir is not None else default_store_dir(cfg, m.weights_hash)
+            path = Path(out_dir) if out_dir is not None else default_store_dir(cfg, m, ds)
         seen = ctx.all_gather((str(path.resolve()), m.weights_hash))
         if len(set(seen)) > 1:
             raise DistributedSetupError("ranks disagree on the store folder / model weights: "

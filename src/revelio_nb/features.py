@@ -7,7 +7,8 @@ per image) or kept as spatial maps.
 
 Store layout (a folder)::
 
-    manifest.json                      config, model id + weights hash, shapes, package version, status
+    manifest.json                      config, model id + weights hash, cache key + dataset fingerprint,
+                                       shapes, package version, status
     labels.npy, indices.npy            row i = dataset image indices[i] of the split, with its label
     <block>@t<t>.npy                   one preallocated .npy per (block, t): (N, C) or (N, C, h, w)
     progress/<writer>.json             chunks finished by each writer, with a sha256 per array chunk
@@ -35,11 +36,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, artifacts
 from .data import ImageDataset, load_dataset
 from .hooks import FeatureCapture, validate_blocks
 from .models import DiffusionModel, load_model
-from .paths import atomic_write_json, cache_dir, config_hash
+from .paths import atomic_write_json
 
 POOLINGS = ("mean", "none")
 STORE_DTYPES = ("float32", "float16")
@@ -129,7 +130,8 @@ class ExtractionConfig:
         return self
 
     def identity(self) -> dict[str, Any]:
-        """The fields that decide the store's content (device is not one of them)."""
+        """The fields that decide the store's content (device is not one of them). The store's cache key adds the
+        model's and the dataset's content identities (:mod:`revelio_nb.artifacts`)."""
         d = asdict(self)
         d.pop("device")
         return d
@@ -205,6 +207,21 @@ class FeatureStore:
             diffs.append(f"weights_hash: store has {self.manifest.get('weights_hash')!r}, model has {weights_hash!r}")
         if diffs:
             raise StoreMismatchError(f"feature store {self.path} was made with a different model/config:\n  " + "\n  ".join(diffs))
+
+    def check_key(self, key: str, dataset_fingerprint: str | None = None) -> None:
+        """Refuse a store whose recorded cache key (:func:`revelio_nb.artifacts.store_key`) is not ``key``: made
+        from other images / labels / splits, or another model or scheduler, than asked for. A store written before
+        keys were recorded has none and is checked by config and weights only."""
+        have = self.manifest.get("key")
+        if have is None or have == key:
+            return
+        what = "another model, scheduler or config"
+        theirs = self.manifest.get("dataset_fingerprint")
+        if dataset_fingerprint is not None and theirs != dataset_fingerprint:
+            what = (f"another dataset content (images, labels, class names or split): store has dataset fingerprint "
+                    f"{theirs!r}, asked for {dataset_fingerprint!r}")
+        raise StoreMismatchError(f"feature store {self.path} was made from {what} (key {have!r}, asked for "
+                                 f"{key!r}); use another out_dir, or delete it to extract again")
 
     @property
     def config(self) -> dict[str, Any]:
@@ -302,10 +319,10 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def default_store_dir(cfg: ExtractionConfig, weights_hash: str) -> Path:
-    slug = cfg.model.replace("embedded:", "").replace("/", "_").replace(":", "_")[-40:]
-    return cache_dir("features") / f"{slug}-{cfg.dataset.replace('/', '_')[-24:]}-{cfg.split}-" \
-                                   f"{config_hash({'cfg': cfg.identity(), 'weights': weights_hash})}"
+def default_store_dir(cfg: ExtractionConfig, model: DiffusionModel, dataset: ImageDataset) -> Path:
+    """The cache folder of the store ``cfg`` extracts from ``model`` on ``dataset``, keyed by everything that
+    changes its numbers (:func:`revelio_nb.artifacts.store_dir`)."""
+    return artifacts.store_dir(cfg, model, dataset)
 
 
 class _Writer:
@@ -395,7 +412,9 @@ def create_store(path: Path, cfg: ExtractionConfig, model: DiffusionModel, ds: I
         "model_id": model.model_id,
         "model_kind": model.kind,
         "weights_hash": model.weights_hash,
+        "key": artifacts.store_key(cfg, model, ds),
         "dataset": ds.name,
+        "dataset_fingerprint": ds.fingerprint,
         "class_names": ds.class_names,
         "split": cfg.split,
         "image_size": size,
@@ -474,12 +493,13 @@ def extract_features(
     split_idx = ds.split(cfg.split)
     indices = split_idx if cfg.max_images is None else stratified_subset(
         split_idx, ds.labels[split_idx], cfg.max_images, cfg.seed)
-    path = Path(out_dir) if out_dir is not None else default_store_dir(cfg, model.weights_hash)
+    path = Path(out_dir) if out_dir is not None else default_store_dir(cfg, model, ds)
 
     store = None
     if (path / "manifest.json").is_file():
         try:
             store = FeatureStore.open(path, expect=cfg, weights_hash=model.weights_hash, allow_incomplete=True)
+            store.check_key(artifacts.store_key(cfg, model, ds), ds.fingerprint)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             if not coordinator:
                 raise StoreIncompleteError(f"the manifest of {path} is unreadable ({e}); run the coordinator first") from e

@@ -1,7 +1,8 @@
 """One k-SAE per hookpoint (model, block, timestep): train, evaluate on held-out data, compute latent statistics.
 
 Each step is cached: the feature stores by :mod:`revelio_nb.features`, the SAE folder (sparsify layout) by a hash
-of the training store and the SAE config, and the latent statistics beside the SAE. The run's index,
+of the training store's key and the SAE config, and the latent statistics beside the SAE (keys and folders:
+:mod:`revelio_nb.artifacts`). The run's index,
 ``<run_dir>/sae/hookpoints.csv``, is what the latent browser (:mod:`revelio_nb.widgets`) reads.
 
 Columns of ``hookpoints.csv``: hookpoint, model, block, t, pooling, sae_dir, latents_dir, store_dir,
@@ -11,15 +12,15 @@ embedding_store_dir, dataset, split, fvu, l0, dead_fraction, mean_purity, num_la
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
-from . import features, latents, sae
+from . import artifacts, features, latents, sae
 from .data import ImageDataset, load_dataset
 from .models import DiffusionModel, load_model
-from .paths import cache_dir, config_hash, results_dir
+from .paths import atomic_path, file_lock, results_dir
 
 INDEX_COLUMNS = ["hookpoint", "model", "block", "t", "pooling", "sae_dir", "latents_dir", "store_dir",
                  "embedding_store_dir", "dataset", "split"]
@@ -70,15 +71,12 @@ def train_hookpoint(run: HookpointRun, block: str, t: int, model: DiffusionModel
                                            progress=progress)
     cfg = copy.deepcopy(run.sae)
     cfg.sae.hookpoint, cfg.sae.timestep, cfg.sae.model_id = block, int(t), run.model
-    key = config_hash({"store": train_store.manifest["config"], "weights": train_store.manifest["weights_hash"],
-                       "block": block, "t": int(t), "sae": asdict(cfg)})
-    slug = f"{run.model.replace('embedded:', '').replace('/', '_')[-32:]}-{block}-t{t}-{run.pooling}"
-    sae_dir = cache_dir("sae") / f"{slug}-{key}"
+    sae_dir = artifacts.sae_dir(cfg, train_store, block, t)
     model_sae = sae.train_sae(train_store.array(block, t), cfg, sae_dir, progress=progress)
 
     eval_features = eval_store.array(block, t)
     metrics = sae.evaluate_sae(model_sae, eval_features)
-    lat_dir = sae_dir / f"latents-{run.eval_split}-top{run.top_n}"
+    lat_dir = artifacts.latents_dir(sae_dir, eval_store, run.top_n)
     if (lat_dir / "latents.csv").is_file():
         stats = latents.LatentStats.load(lat_dir)
     else:
@@ -110,14 +108,20 @@ def train_hookpoints(run: HookpointRun, hookpoints: list[tuple[str, int]], progr
 
 
 def write_index(run_dir, rows: list[dict]) -> pd.DataFrame:
-    """Merge rows into ``<run_dir>/sae/hookpoints.csv`` (same hookpoint label: replaced) and return the table."""
+    """Merge rows into ``<run_dir>/sae/hookpoints.csv`` (same hookpoint label: replaced) and return the table.
+
+    Safe with concurrent writers: the read-modify-write holds an exclusive file lock, and the file is replaced
+    atomically (readers never see half of it).
+    """
     path = results_dir(run_dir) / "sae" / "hookpoints.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     new = pd.DataFrame([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows])
-    if path.is_file():
-        old = pd.read_csv(path)
-        new = pd.concat([old[~old.hookpoint.isin(new.hookpoint)], new], ignore_index=True)
-    new.to_csv(path, index=False)
+    with file_lock(path):
+        if path.is_file():
+            old = pd.read_csv(path)
+            new = pd.concat([old[~old.hookpoint.isin(new.hookpoint)], new], ignore_index=True)
+        with atomic_path(path) as tmp:
+            new.to_csv(tmp, index=False)
     return new
 
 

@@ -10,20 +10,23 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from .paths import results_dir
+from .paths import atomic_path, results_dir
 
 
 def savefig(fig, run_dir: str | os.PathLike, name: str, dpi: int = 120) -> Path:
-    """Save a figure as ``<run_dir>/figures/<name>.png`` and return the path."""
+    """Save a figure as ``<run_dir>/figures/<name>.png`` (atomically: the old file or the new one, never half)
+    and return the path."""
     path = results_dir(run_dir) / "figures" / f"{name}.png"
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
     return path
 
 
 def save_table(df: pd.DataFrame, run_dir: str | os.PathLike, name: str, index: bool = False) -> Path:
-    """Save a table as ``<run_dir>/tables/<name>.csv`` and return the path."""
+    """Save a table as ``<run_dir>/tables/<name>.csv`` (atomically) and return the path."""
     path = results_dir(run_dir) / "tables" / f"{name}.csv"
-    df.to_csv(path, index=index)
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=index)
     return path
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .paths import results_dir
+from .paths import atomic_write_text, results_dir
 from .probes import results_markdown
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         section = run_markdown(results_dir(a.run))
         if a.readme:
             readme = Path(a.readme)
-            readme.write_text(replace_section(readme.read_text(), section))
+            atomic_write_text(readme, replace_section(readme.read_text(encoding="utf-8"), section))
             print(f"updated the results section of {readme}")
         else:
             print(section)

@@ -12,6 +12,7 @@ z = TopK(ReLU(W_enc (x - b_dec) + b_enc)),  x_hat = W_dec^T z + b_dec.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import mmap
@@ -29,7 +30,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .paths import atomic_write_json, config_hash
+from . import artifacts
+from .paths import atomic_path, atomic_write_json
 
 TOKEN_MODES = ("auto", "pooled", "spatial")
 B_DEC_INITS = ("median", "mean", "zeros")
@@ -410,9 +412,8 @@ class SparseAutoencoder(nn.Module):
             "b_dec": self.b_dec.detach() * s,
         }
         tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
-        tmp = folder / f".sae.safetensors.tmp{os.getpid()}"
-        save_file(tensors, str(tmp), metadata=metadata or {})
-        os.replace(tmp, folder / "sae.safetensors")
+        with atomic_path(folder / "sae.safetensors") as tmp:
+            save_file(tensors, str(tmp), metadata=metadata or {})
         atomic_write_json(folder / "cfg.json", self.config_dict())
         return folder
 
@@ -546,9 +547,29 @@ class ArraySource:
             os.close(fd)
         return out
 
+    fingerprint_bytes = 16 << 20
+    """The most bytes of rows :meth:`fingerprint` reads for its content sample."""
+
     def fingerprint(self) -> dict[str, Any]:
-        return {"shape": list(self.array.shape), "n_rows": len(self.rows), "n_tokens": self.n_tokens,
-                "rows_hash": config_hash(self.rows[:: max(1, len(self.rows) // 4096)].tolist())}
+        """Identity of the tokens this source serves: shape, dtype, every selected row index, and a content hash of
+        a sample of rows spread evenly over them (at least 8 and at most 256 rows, within ``fingerprint_bytes``;
+        pread for memory-mapped files, like :meth:`gather`). A resume on other features of the same shape is
+        refused by it (see :func:`train_sae`)."""
+        n_sample = int(np.clip(self.fingerprint_bytes // max(1, self._row_bytes), 8, 256))
+        at = np.linspace(0, len(self.rows) - 1, min(n_sample, len(self.rows))).astype(np.int64)
+        sample = np.unique(self.rows[at])
+        if self._file is None:
+            data = np.ascontiguousarray(self.array[sample])
+        else:
+            fd = os.open(self._file[0], os.O_RDONLY)
+            try:
+                data = self._read_rows(fd, sample)
+            finally:
+                os.close(fd)
+        rows = np.ascontiguousarray(self.rows, dtype=np.int64)
+        return {"shape": list(self.array.shape), "dtype": str(self.array.dtype), "n_rows": len(self.rows),
+                "n_tokens": self.n_tokens, "rows_hash": hashlib.sha256(rows.view(np.uint8)).hexdigest()[:16],
+                "content_hash": hashlib.sha256(sample.tobytes() + data.view(np.uint8).tobytes()).hexdigest()[:16]}
 
 
 def as_source(source, rows=None) -> ArraySource:
@@ -641,9 +662,8 @@ def _save_optimizer(path: Path, opt: torch.optim.Optimizer, extra: dict[str, Ten
     tensors = {f"state.{i}.{name}": t.detach().cpu().contiguous() for i, st in sd["state"].items()
                for name, t in st.items()}
     tensors.update({k: v.detach().cpu().contiguous() for k, v in extra.items()})
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={**(metadata or {}), "step": str(step)})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={**(metadata or {}), "step": str(step)})
 
 
 def _load_optimizer(path: Path, opt: torch.optim.Optimizer, device: torch.device) -> dict[str, Tensor]:
@@ -662,9 +682,10 @@ def _load_optimizer(path: Path, opt: torch.optim.Optimizer, device: torch.device
 
 
 def _run_signature(cfg: TrainConfig, source: ArraySource) -> dict[str, Any]:
-    """What must not change between an interrupted run and its resumption (device and save cadence may)."""
-    train = {k: v for k, v in asdict(cfg).items() if k not in ("device", "checkpoint_every")}
-    return {"train_cfg": json.loads(json.dumps(train, default=str)), "source": source.fingerprint()}
+    """What must not change between an interrupted run and its resumption: the hyper-parameters that change the
+    weights (the SAE cache key's, :func:`revelio_nb.artifacts.sae_train_identity`: device, save cadence and labels
+    may change) and the features (:meth:`ArraySource.fingerprint`, their content included)."""
+    return {"train_cfg": artifacts.sae_train_identity(cfg), "source": source.fingerprint()}
 
 
 def train_sae(source, cfg: TrainConfig, out_dir: str | os.PathLike, *, stop_after: int | None = None,

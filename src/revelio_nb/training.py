@@ -2,7 +2,13 @@
 
 Deterministic and resumable: every step's batch, timesteps and noise come from a generator seeded by
 (seed, step), so a run interrupted and resumed from its last checkpoint ends with the same weights as an
-uninterrupted one. Checkpoints are safetensors (model, EMA, optimizer moments) plus a JSON step counter.
+uninterrupted one.
+
+A checkpoint is ONE file, ``checkpoint.safetensors``: model, EMA and optimizer tensors, the per-step losses, and
+the step counter in its metadata, written to a temporary file and renamed (its one commit point). A process
+killed at any moment leaves the previous checkpoint or the new one, never newer weights under an older step.
+The two-file layout of earlier versions (weights, then ``checkpoint.json``) is resumed only when both agree
+(the optimizer's own step counters inside the weights equal the JSON step), else discarded with a warning.
 """
 
 from __future__ import annotations
@@ -10,17 +16,19 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .paths import atomic_write_json
+from .paths import atomic_path, remove_stale_temporaries
 
 
 @dataclass
@@ -63,7 +71,13 @@ def _lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+CHECKPOINT = "checkpoint.safetensors"
+CHECKPOINT_FORMAT = "revelio-train-checkpoint/2"
+LEGACY_STATE = "checkpoint.json"  # the step counter of the two-file layout (before CHECKPOINT_FORMAT)
+
+
 def _save_checkpoint(folder: Path, model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer, state: TrainState):
+    """Write the whole training state as one safetensors file; the rename at the end is the commit point."""
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
     tensors.update({f"ema.{k}": v.detach().contiguous() for k, v in ema.state_dict().items()})
     for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
@@ -73,18 +87,15 @@ def _save_checkpoint(folder: Path, model: nn.Module, ema: nn.Module, opt: torch.
                 tensors[f"opt.{i}.{name}"] = st[name].contiguous()
         if "step" in st:
             tensors[f"opt.{i}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
+    tensors["state.losses"] = torch.tensor(state.losses, dtype=torch.float64)  # exact: the floats of loss.item()
+    meta = {"format": CHECKPOINT_FORMAT, "step": str(state.step), "seconds": repr(float(state.seconds))}
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "checkpoint.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    tmp.replace(folder / "checkpoint.safetensors")
-    atomic_write_json(folder / "checkpoint.json", asdict(state))
+    with atomic_path(folder / CHECKPOINT) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    (folder / LEGACY_STATE).unlink(missing_ok=True)  # after the commit: a kill before it leaves a consistent pair
 
 
-def _load_checkpoint(folder: Path, model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer) -> TrainState | None:
-    ck, meta = folder / "checkpoint.safetensors", folder / "checkpoint.json"
-    if not (ck.is_file() and meta.is_file()):
-        return None
-    tensors = load_file(str(ck))
+def _restore(tensors: dict[str, torch.Tensor], model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer) -> None:
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
@@ -94,7 +105,59 @@ def _load_checkpoint(folder: Path, model: nn.Module, ema: nn.Module, opt: torch.
                 "exp_avg": tensors[f"opt.{i}.exp_avg"],
                 "exp_avg_sq": tensors[f"opt.{i}.exp_avg_sq"],
             }
-    return TrainState(**json.loads(meta.read_text()))
+
+
+def _optimizer_steps(tensors: dict[str, torch.Tensor]) -> set[int]:
+    """The step counters Adam keeps per parameter inside the weights file (one value when the file is whole)."""
+    return {int(v.reshape(-1)[0].item()) for k, v in tensors.items() if k.startswith("opt.") and k.endswith(".step")}
+
+
+def read_checkpoint(folder: str | Path) -> tuple[dict[str, torch.Tensor], TrainState] | None:
+    """The tensors and state of the checkpoint in ``folder``, or None when there is none that can be trusted.
+
+    An unreadable file, or a legacy two-file checkpoint whose weights and step counter disagree (a kill between
+    its two writes), is reported with a warning and ignored (training starts over).
+    """
+    folder = Path(folder)
+    ck = folder / CHECKPOINT
+    if not ck.is_file():
+        return None
+    try:
+        with safe_open(str(ck), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        tensors = load_file(str(ck))
+    except (SafetensorError, OSError, ValueError) as e:
+        warnings.warn(f"training checkpoint {ck} is unreadable ({e}); training starts over")
+        return None
+    if meta.get("format") == CHECKPOINT_FORMAT:
+        losses = tensors.pop("state.losses", torch.zeros(0)).tolist()
+        state = TrainState(step=int(meta["step"]), losses=losses, seconds=float(meta["seconds"]))
+        problem = None if len(losses) == state.step else f"{len(losses)} losses for step {state.step}"
+    else:  # legacy: weights in the safetensors file, step counter in checkpoint.json, written one after the other
+        try:
+            raw = json.loads((folder / LEGACY_STATE).read_text())
+            state = TrainState(step=int(raw["step"]), losses=[float(x) for x in raw["losses"]],
+                               seconds=float(raw.get("seconds", 0.0)))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            state, problem = None, f"its step counter {folder / LEGACY_STATE} is missing or unreadable ({e})"
+        else:
+            steps = _optimizer_steps(tensors)
+            problem = None if steps == {state.step} and len(state.losses) == state.step else (
+                f"its weights are at optimizer step(s) {sorted(steps)} but {LEGACY_STATE} says step {state.step} "
+                "(a kill between the two writes of the old two-file layout)")
+    if problem is not None:
+        warnings.warn(f"training checkpoint {ck} cannot be trusted: {problem}; training starts over")
+        return None
+    return tensors, state
+
+
+def _load_checkpoint(folder: Path, model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer) -> TrainState | None:
+    found = read_checkpoint(folder)
+    if found is None:
+        return None
+    tensors, state = found
+    _restore(tensors, model, ema, opt)
+    return state
 
 
 def train_denoiser(
@@ -106,18 +169,20 @@ def train_denoiser(
     null_cond: torch.Tensor | None,
     alphas_cumprod: torch.Tensor,
     cfg: TrainConfig,
-    work_dir: Path,
+    work_dir: str | Path,
     desc: str = "train",
 ) -> TrainState:
     """Train ``model`` to predict the noise added to ``images`` (N, C, H, W in [-1, 1]).
 
     ``forward(model, x_t, t, cond)`` returns the predicted noise; ``conds`` holds one condition per image
     (class ids or token embeddings) and ``null_cond`` the unconditional one, used with prob ``cond_dropout``.
-    Resumes from ``work_dir/checkpoint.*`` when present.
+    Resumes from ``work_dir/checkpoint.safetensors`` when present (see the module docstring).
     """
+    work_dir = Path(work_dir)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    remove_stale_temporaries(work_dir / CHECKPOINT)  # half-written checkpoints of a killed run (never committed)
     state = _load_checkpoint(work_dir, model, ema, opt) or TrainState()
     n = len(images)
     num_t = len(alphas_cumprod)

@@ -35,7 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from .paths import config_hash
+from . import artifacts
 
 HOOKPOINTS_FILE = Path("sae") / "hookpoints.csv"
 REQUIRED_COLUMNS = ("hookpoint", "model", "block", "t", "pooling", "sae_dir", "latents_dir", "store_dir", "dataset",
@@ -237,9 +237,7 @@ def embedding_points(row: dict, store, method: str = "pca", seed: int = 0, max_p
         raise BrowserError(f"unknown embedding {method!r}; choices: {list(EMBEDDINGS)}")
     emb_dir = row.get("embedding_store_dir") or ""
     src = _open_store(emb_dir) if emb_dir else store
-    key = config_hash({"method": method, "seed": seed, "max_points": max_points if method == "tsne" else None,
-                       "store": str(src.path), "created": src.manifest.get("created"), "block": row["block"],
-                       "t": int(row["t"]), "n": len(src)})
+    key = artifacts.embedding_cache_key(src, row["block"], int(row["t"]), method, seed, max_points)
 
     def build():
         x, idx = _pooled_features(row, store, progress)
@@ -279,9 +277,7 @@ def firing_index(row: dict, store, batch_size: int = 8192, progress: bool = Fals
     if not st.is_file():
         raise FileNotFoundError(f"no SAE weights at {st}")
     arr = store.array(row["block"], int(row["t"]))
-    key = config_hash({"sae": str(sae_dir), "size": st.stat().st_size, "mtime": st.stat().st_mtime_ns,
-                       "store": str(store.path), "created": store.manifest.get("created"), "block": row["block"],
-                       "t": int(row["t"]), "shape": list(arr.shape)})
+    key = artifacts.firing_cache_key(sae_dir, store, row["block"], int(row["t"]))
 
     @torch.no_grad()
     def build():

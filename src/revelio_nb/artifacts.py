@@ -1,0 +1,208 @@
+"""Cache keys and cache paths: the one place that decides when a cached result can be reused.
+
+Every cached artefact lives in a folder named by a hash of exactly what changes its numbers, and nothing else:
+
+=====================  =====================================================================  ======================
+artefact               key (what changes the numbers)                                         function
+=====================  =====================================================================  ======================
+feature store          extraction config (not the device) + model identity + dataset          :func:`store_dir`
+                       content (:attr:`ImageDataset.fingerprint`: images, labels, class
+                       names, split seed and assignment, so also a class subset)
+k-SAE                  the training store's key + block + timestep + SAE architecture and     :func:`sae_dir`
+                       training hyper-parameters (not the device, the checkpoint cadence or
+                       the hookpoint / model labels written into ``cfg.json``)
+latent statistics      the SAE (its folder) + the evaluation store's key + ``top_n``          :func:`latents_dir`
+prompt latents         model identity + prompts + sampling config (not ``h_condition``: one   :func:`prompt_latents_dir`
+                       run serves both) + whether images are kept
+browser caches         2-D embedding: method, seed, t-SNE subset size, store key, block, t;   ``embedding_cache_key``,
+                       firing index: the SAE weights file, store key, block, t                ``firing_cache_key``
+embedded models        :meth:`revelio_nb.models.EmbeddedSpec.identity` (training recipe)      ``models.embedded_folder``
+=====================  =====================================================================  ======================
+
+The *model identity* is its ``weights_hash`` (the loader's content hash of the weights it holds), its noise
+scheduler's configuration (the betas that drive the noise) and its id (which alone changes no number; it is kept
+so that two models differing only in a part the weights hash may not cover are never confused). Harmless inputs (device, progress bars, how
+often checkpoints are written, free-text descriptions) stay out, so changing them reuses the cache. Each key
+also carries a format number (:data:`FORMATS`), bumped whenever the code that produces an artefact changes its
+numbers.
+
+This module only computes names; it imports none of the modules whose artefacts it names (they import it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from .paths import cache_dir
+
+if TYPE_CHECKING:  # pragma: no cover - types only
+    from .data import ImageDataset
+    from .features import ExtractionConfig, FeatureStore
+    from .models import DiffusionModel
+
+FORMATS = {"store": 2, "sae": 2, "latents": 2, "prompt_latents": 4, "embedding": 2, "firing": 2}
+"""Version of each artefact's key: bump one when its producing code changes the numbers."""
+
+KEY_LENGTH = 12
+
+
+# ------------------------------------------------------------------------------------------ hashing
+
+
+def _plain(v: Any) -> Any:
+    """JSON-able form of a config value; arrays and tensors in full (``str`` would abbreviate long ones)."""
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return _plain(dataclasses.asdict(v))
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray) or type(v).__name__ == "Tensor":
+        return _plain(v.tolist())
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    return str(v)
+
+
+def key_of(identity: Any, length: int = KEY_LENGTH) -> str:
+    """Short sha256 of a JSON-able identity (dict keys sorted, so their order never matters)."""
+    blob = json.dumps(_plain(identity), sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def _slug(text: str, n: int) -> str:
+    return str(text).replace("embedded:", "").replace("/", "_").replace(":", "_").replace(os.sep, "_")[-n:]
+
+
+# ------------------------------------------------------------------------------------------ models and data
+
+
+def scheduler_identity(scheduler: Any) -> dict[str, Any]:
+    """The noise schedule's configuration (class and every config entry but the diffusers version stamps)."""
+    if scheduler is None:
+        return {}
+    cfg = dict(getattr(scheduler, "config", {}) or {})
+    return {"class": type(scheduler).__name__,
+            **{k: _plain(v) for k, v in cfg.items() if k not in ("_diffusers_version", "_use_default_values")}}
+
+
+def model_identity(model: "DiffusionModel") -> dict[str, Any]:
+    """What identifies a loaded model's numbers: its id, weights hash and noise scheduler configuration.
+
+    ``weights_hash`` is computed by the model loader (:mod:`revelio_nb.models`) and is the one place that decides
+    which weights it covers (text encoders included).
+    """
+    return {"id": model.model_id, "weights": model.weights_hash, "scheduler": scheduler_identity(model.scheduler)}
+
+
+def dataset_identity(dataset: "ImageDataset") -> str:
+    return dataset.fingerprint
+
+
+# ------------------------------------------------------------------------------------------ feature stores
+
+
+def store_identity(cfg: "ExtractionConfig", model: "DiffusionModel", dataset: "ImageDataset") -> dict[str, Any]:
+    return {"v": FORMATS["store"], "config": cfg.identity(), "model": model_identity(model),
+            "dataset": dataset_identity(dataset)}
+
+
+def store_key(cfg: "ExtractionConfig", model: "DiffusionModel", dataset: "ImageDataset") -> str:
+    """The key of the feature store that ``cfg`` extracts from ``model`` on ``dataset`` (recorded in its manifest)."""
+    return key_of(store_identity(cfg, model, dataset))
+
+
+def store_dir(cfg: "ExtractionConfig", model: "DiffusionModel", dataset: "ImageDataset") -> Path:
+    """``<cache>/features/<model>-<dataset>-<split>-<key>``."""
+    return cache_dir("features") / (f"{_slug(cfg.model, 40)}-{_slug(cfg.dataset, 24)}-{cfg.split}-"
+                                    f"{store_key(cfg, model, dataset)}")
+
+
+def key_of_store(store: "FeatureStore") -> str:
+    """The identity of an existing store: the key recorded in its manifest; for a store written before keys were
+    recorded, a hash of its manifest's config, weights, folder and creation time (so it is never mistaken for
+    another store, nor for itself once rebuilt)."""
+    m = store.manifest
+    if m.get("key"):
+        return str(m["key"])
+    return key_of({"legacy": m.get("config"), "weights": m.get("weights_hash"), "created": m.get("created"),
+                   "path": str(Path(store.path).resolve())})
+
+
+# ------------------------------------------------------------------------------------------ k-SAEs
+
+
+def sae_train_identity(cfg: Any) -> dict[str, Any]:
+    """SAE architecture and training hyper-parameters (a :class:`revelio_nb.sae.TrainConfig`) that change the
+    weights: not the device, not the checkpoint cadence (training resumes bit for bit), not the hookpoint /
+    timestep / model labels that are only written into ``cfg.json``."""
+    d = _plain(cfg)
+    for k in ("device", "checkpoint_every"):
+        d.pop(k, None)
+    for k in ("hookpoint", "timestep", "model_id"):
+        d.get("sae", {}).pop(k, None)
+    return d
+
+
+def sae_key(cfg: Any, train_store: "FeatureStore", block: str, t: int) -> str:
+    return key_of({"v": FORMATS["sae"], "store": key_of_store(train_store), "block": block, "t": int(t),
+                   "train": sae_train_identity(cfg)})
+
+
+def sae_dir(cfg: Any, train_store: "FeatureStore", block: str, t: int) -> Path:
+    """``<cache>/sae/<model>-<block>-t<t>-<pooling>-<key>`` of the SAE trained with ``cfg`` on ``train_store``."""
+    c = train_store.config
+    slug = f"{_slug(c['model'], 32)}-{block}-t{int(t)}-{c['pooling']}"
+    return cache_dir("sae") / f"{slug}-{sae_key(cfg, train_store, block, t)}"
+
+
+def latents_dir(sae_folder: str | os.PathLike, eval_store: "FeatureStore", top_n: int) -> Path:
+    """Latent statistics of the SAE in ``sae_folder`` on ``eval_store``: a sub-folder of the SAE's, keyed by the
+    evaluation store and ``top_n``."""
+    key = key_of({"v": FORMATS["latents"], "store": key_of_store(eval_store), "top_n": int(top_n)}, 8)
+    return Path(sae_folder) / f"latents-{eval_store.config['split']}-top{int(top_n)}-{key}"
+
+
+# ------------------------------------------------------------------------------------------ prompt latents
+
+
+def prompt_latents_key(model: "DiffusionModel", prompts: Sequence[str], cfg: Any, keep_images: bool) -> str:
+    """Key of a prompt-latent sampling run (``cfg``: a :class:`revelio_nb.directions.SampleConfig`).
+
+    ``h_condition`` is left out: one sampling run records both passes when it has them.
+    """
+    run = {k: v for k, v in _plain(cfg).items() if k != "h_condition"}
+    return key_of({"v": FORMATS["prompt_latents"], "model": model_identity(model), "prompts": list(prompts),
+                   "config": run, "images": bool(keep_images)})
+
+
+def prompt_latents_dir(model: "DiffusionModel", prompts: Sequence[str], cfg: Any, keep_images: bool) -> Path:
+    return cache_dir("directions") / f"latents-{prompt_latents_key(model, prompts, cfg, keep_images)}"
+
+
+# ------------------------------------------------------------------------------------------ latent browser
+
+
+def embedding_cache_key(store: "FeatureStore", block: str, t: int, method: str, seed: int, max_points: int) -> str:
+    """The browser's 2-D embedding of the pooled features of ``store`` (the t-SNE subset size only for t-SNE)."""
+    return key_of({"v": FORMATS["embedding"], "method": method, "seed": int(seed),
+                   "max_points": int(max_points) if method == "tsne" else None, "store": key_of_store(store),
+                   "block": block, "t": int(t)})
+
+
+def firing_cache_key(sae_folder: str | os.PathLike, store: "FeatureStore", block: str, t: int) -> str:
+    """The browser's firing index of an SAE on ``store``: the SAE weights file (path, size, modification time)
+    and the store's key."""
+    st = Path(sae_folder) / "sae.safetensors"
+    stat = st.stat()
+    return key_of({"v": FORMATS["firing"], "sae": str(st.resolve()), "size": stat.st_size,
+                   "mtime": stat.st_mtime_ns, "store": key_of_store(store), "block": block, "t": int(t)})
