@@ -215,19 +215,18 @@ def test_missing_empty_or_all_dead_tables_are_messages(demo, tmp_path):
     (broken_dir / "latents.csv").write_text("")
     broken = {**rows[0], "hookpoint": "broken", "latents_dir": str(broken_dir)}
     dead_dir = tmp_path / "dead"
-    shutil.copytree(rows[0]["latents_dir"], dead_dir)
-    t = pd.read_csv(dead_dir / "latents.csv")
-    t["freq_tokens"] = 0.0
-    t.to_csv(dead_dir / "latents.csv", index=False)
+    dead_stats = LatentStats.load(rows[0]["latents_dir"])
+    dead_stats.table["freq_tokens"] = 0.0
+    dead_stats.save(dead_dir)
     dead = {**rows[0], "hookpoint": "all dead", "latents_dir": str(dead_dir)}
     run = tmp_path / "run"
     _write_index(run, [missing, empty, broken, dead, rows[0]])
     b = LatentBrowser(run, top_n=4, progress=False)
-    assert "missing" in b.message and "latents.csv missing" in b.message and b.view is None
+    assert "missing" in b.message and "no latent statistics" in b.message and b.view is None
     b.hookpoint_dd.value = "empty"
     assert "empty (0 latents)" in b.message and b.view is None
     b.hookpoint_dd.value = "broken"
-    assert "unreadable" in b.message
+    assert "not committed" in b.message
     b.hookpoint_dd.value = "all dead"
     assert "all" in b.message and "dead" in b.message and "untick" in b.message and b.view is None
     b.dead_cb.value = False

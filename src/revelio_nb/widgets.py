@@ -386,17 +386,17 @@ def _dataset(name: str):
 def load_hookpoint(row: dict | pd.Series, embedding: str = "pca", seed: int = 0, firing: bool = True,
                    progress: bool = False) -> HookpointData:
     """Load one hookpoint's statistics, dataset images, 2-D embedding and firing index (cached after the first time)."""
-    from .latents import LatentStats
+    from .latents import LatentStats, LatentStatsError
 
     row = dict(row)
     label = str(row["hookpoint"])
     lat_dir = Path(row["latents_dir"])
-    if not (lat_dir / "latents.csv").is_file():
-        raise FileNotFoundError(f"hookpoint {label!r}: no latent statistics in {lat_dir} (latents.csv missing)")
     try:
         stats = LatentStats.load(lat_dir)
-    except (OSError, ValueError, KeyError, pd.errors.EmptyDataError) as e:
-        raise BrowserError(f"hookpoint {label!r}: latent statistics in {lat_dir} are unreadable: {e}") from e
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"hookpoint {label!r}: no latent statistics in {lat_dir} (run notebook 02)") from e
+    except (LatentStatsError, OSError, ValueError, KeyError) as e:
+        raise BrowserError(f"hookpoint {label!r}: latent statistics in {lat_dir} are unusable: {e}") from e
     table = latent_table(stats)
     if len(table) == 0 or stats.num_latents == 0:
         raise BrowserError(f"hookpoint {label!r}: the latent table in {lat_dir} is empty (0 latents)")
@@ -963,7 +963,7 @@ def demo_run(run_dir: str | os.PathLike, *, dataset: str = "animal-mnist", split
     import torch
 
     from .features import ExtractionConfig, extract_features
-    from .latents import latent_stats
+    from .latents import latent_stats, load_or_compute
     from .sae import SaeConfig, TrainConfig, train_sae
 
     import json
@@ -998,10 +998,8 @@ def demo_run(run_dir: str | os.PathLike, *, dataset: str = "animal-mnist", split
         torch.manual_seed(seed)
         sae = train_sae(arr, cfg, run_dir / "sae" / name / "sae", progress=progress)
         lat_dir = run_dir / "sae" / name / "latents"
-        if not (lat_dir / "latents.csv").is_file():
-            stats = latent_stats(sae, arr, st.labels, top_n=top_n, image_index=st.indices,
-                                 class_names=st.class_names, progress=progress)
-            stats.save(lat_dir)
+        load_or_compute(lat_dir, lambda: latent_stats(sae, arr, st.labels, top_n=top_n, image_index=st.indices,
+                                                      class_names=st.class_names, progress=progress))
         rows.append({"hookpoint": f"demo-tiny-unet · {block} · t={t}" + (" · spatial" if pooling == "none" else ""),
                      "model": "demo-tiny-unet", "block": block, "t": t, "pooling": pooling,
                      "sae_dir": str(run_dir / "sae" / name / "sae"), "latents_dir": str(lat_dir),
