@@ -358,3 +358,13 @@ def test_png_gallery_and_standalone_page(demo, tmp_path):
         ptr = np.frombuffer(base64.b64decode(h["firing_ptr"]), "<i4")
         assert ptr[-1] == sum(min(len(d.firing_images(m)[0]), 1000) for m in range(d.num_latents))
     assert gallery.write_static_browser(tmp_path / "nothing") is None
+
+
+def test_row_dataset_must_be_the_one_its_store_was_extracted_from(demo):
+    """Another dataset name in the index would show other images (and could point the browser at any image
+    folder): refused by name."""
+    row = read_hookpoints(demo).iloc[0].to_dict()
+    assert row["dataset"] == "animal-mnist"
+    with pytest.raises(BrowserError, match="dataset 'digits' is not the one its store .* extracted from "
+                                           "\\('animal-mnist'\\)"):
+        widgets.load_hookpoint({**row, "dataset": "digits"}, progress=False)

@@ -453,10 +453,13 @@ def load_hookpoint(row: dict | pd.Series, embedding: str = "pca", seed: int = 0,
         raise BrowserError(f"hookpoint {label!r}: latents.csv has {len(table)} rows but top.npz has "
                            f"{stats.num_latents} latents ({lat_dir})")
     store = _open_store(row["store_dir"])
-    extracted_from = store.manifest.get("dataset")
-    if isinstance(extracted_from, str) and extracted_from != str(row["dataset"]):
+    # the images shown must be those the store was extracted from; this also keeps a crafted index from making
+    # the browser read (and the static page embed) an arbitrary image folder
+    extracted_from = [v for v in (store.manifest.get("dataset"), (store.manifest.get("config") or {}).get("dataset"))
+                      if isinstance(v, str)]
+    if extracted_from and str(row["dataset"]) not in extracted_from:
         raise BrowserError(f"hookpoint {label!r}: dataset {str(row['dataset'])!r} is not the one its store "
-                           f"{row['store_dir']} was extracted from ({extracted_from!r})")
+                           f"{row['store_dir']} was extracted from ({extracted_from[0]!r})")
     ds = _dataset(str(row["dataset"]))
     names = list(stats.meta.get("class_names") or store.class_names or ds.class_names)
     notes: list[str] = []
