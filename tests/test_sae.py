@@ -187,6 +187,8 @@ def test_save_load_roundtrip_sparsify_layout(tmp_path):
     x_hat_sparsify = torch.einsum("bk,bkd->bd", vals, tensors["W_dec"][idx]) + tensors["b_dec"]
     out = model(x)
     torch.testing.assert_close(out.x_hat, x_hat_sparsify, rtol=1e-5, atol=1e-5)
+    norms = tensors["W_dec"].norm(dim=1)  # normalize_decoder: unit rows in the file too
+    torch.testing.assert_close(norms, torch.ones_like(norms), atol=1e-5, rtol=0)
 
     loaded = SparseAutoencoder.load(tmp_path / "sae", d_in=10)
     assert loaded.input_scale == 8.0 and loaded.cfg.hookpoint == "up_blocks.1"
@@ -447,3 +449,92 @@ def test_kill_inside_checkpoint_resumes(tmp_path, monkeypatch):
     for name in ("sae.safetensors", "optimizer.safetensors"):
         a, b = load_file(str(tmp_path / "run" / name)), load_file(str(tmp_path / "ref" / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+# ------------------------------------------------------------- sparsify invariants of the saved folder
+def _sparsify_forward(tensors: dict, k: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """sparsify's SparseCoder.encode / decode written out independently: x - b_dec, encoder Linear, ReLU, top-k;
+    W_dec^T z + b_dec. Returns (top_acts, top_idx, x_hat)."""
+    pre = torch.relu((x - tensors["b_dec"]) @ tensors["encoder.weight"].T + tensors["encoder.bias"])
+    acts, idx = pre.topk(k, dim=1, sorted=True)
+    x_hat = torch.einsum("bk,bkd->bd", acts, tensors["W_dec"][idx]) + tensors["b_dec"]
+    return acts, idx, x_hat
+
+
+def test_trained_folder_keeps_every_sparsify_invariant(tmp_path):
+    """A trained SAE on features far from unit scale: its folder says normalize_decoder and its decoder rows are
+    unit norm; sparsify's forward on raw features reproduces our raw-space reconstruction; its code is s * ours."""
+    x = _sparse_data(800) * 40.0  # rms ~ 40: input_scale is a power of two far from 1
+    cfg = _small_cfg(steps=12)
+    model = train_sae(x, cfg, tmp_path / "run", progress=False)
+    s = model.input_scale
+    assert s >= 8 and math.log2(s) == round(math.log2(s))
+    raw = json.loads((tmp_path / "run" / "cfg.json").read_text())
+    tensors = load_file(str(tmp_path / "run" / "sae.safetensors"))
+    assert raw["normalize_decoder"] is True and raw["input_scale"] == s
+    norms = tensors["W_dec"].norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones_like(norms), atol=1e-5, rtol=0)
+    assert raw["layout_version"] == 2
+    xt = torch.from_numpy(x[:64])
+    acts, idx, x_hat = _sparsify_forward(tensors, raw["k"], xt)
+    with torch.no_grad():
+        ours = model(xt)
+        z, zi = model.encode(xt)
+    torch.testing.assert_close(x_hat, ours.x_hat, rtol=1e-5, atol=1e-4)
+    order = torch.sort(z, dim=1, descending=True)
+    torch.testing.assert_close(acts, order.values * s, rtol=1e-5, atol=1e-5)  # the raw-space code is s * z
+    assert torch.equal(idx.sort(1).values, zi.sort(1).values)
+    loaded = SparseAutoencoder.load(tmp_path / "run", d_in=16)
+    assert loaded.input_scale == s
+    for (n1, p1), (n2, p2) in zip(model.named_parameters(), loaded.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2), n1  # power-of-two scale: exact
+    # training continues from the folder's optimizer checkpoint as before
+    more = train_sae(x, _small_cfg(steps=12), tmp_path / "run", progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(more.parameters(), model.parameters()))
+
+
+def test_layout_1_folders_still_load(tmp_path):
+    """Folders written before layout_version 2 (scale folded into W_enc / W_dec) load to the same model."""
+    torch.manual_seed(0)
+    model = SparseAutoencoder(SaeConfig(d_in=10, expansion_factor=3, k=4))
+    with torch.no_grad():
+        model.encoder.bias.normal_()
+        model.b_dec.normal_()
+    model.input_scale = 4.0
+    s = model.input_scale
+    folder = tmp_path / "old"
+    folder.mkdir()
+    from safetensors.torch import save_file
+    save_file({"encoder.weight": (model.encoder.weight / s).detach().contiguous(),
+               "encoder.bias": model.encoder.bias.detach().clone(), "W_dec": (model.W_dec * s).detach().contiguous(),
+               "b_dec": (model.b_dec * s).detach().contiguous()}, str(folder / "sae.safetensors"))
+    cfg = model.config_dict()
+    for key in ("layout_version", "weights_act_on", "raw_code_scale"):
+        cfg.pop(key, None)
+    cfg["scale_folded_into_weights"] = True
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    loaded = SparseAutoencoder.load(folder, d_in=10)
+    assert loaded.input_scale == s
+    for (n1, p1), (n2, p2) in zip(model.named_parameters(), loaded.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+    cfg["layout_version"] = 7
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(SaeError, match="layout_version=7"):
+        SparseAutoencoder.load(folder)
+
+
+def test_resume_rewrites_a_layout_1_view(tmp_path):
+    """A finished run cached by an older version (layout 1 view) is rewritten in the current layout when train_sae
+    meets it again, from the optimizer checkpoint (the commit point), with the same model."""
+    x = _sparse_data(400) * 40.0
+    cfg = _small_cfg(steps=4)
+    model = train_sae(x, cfg, tmp_path / "run", progress=False)
+    cfg_path = tmp_path / "run" / "cfg.json"
+    old = json.loads(cfg_path.read_text())
+    old.pop("layout_version")
+    cfg_path.write_text(json.dumps(old))  # the tensors do not matter: the view is rebuilt from the checkpoint
+    again = train_sae(x, cfg, tmp_path / "run", progress=False)
+    assert json.loads(cfg_path.read_text())["layout_version"] == 2
+    norms = load_file(str(tmp_path / "run" / "sae.safetensors"))["W_dec"].norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones_like(norms), atol=1e-5, rtol=0)
+    assert all(torch.equal(a, b) for a, b in zip(again.parameters(), model.parameters()))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -71,11 +70,68 @@ def test_read_hookpoints_validates_with_clear_errors(tmp_path):
     # relative paths: against the CSV's folder (sae/), else against the run folder
     (tmp_path / "sae" / "a" / "latents").mkdir(parents=True)
     (tmp_path / "a").mkdir()
-    _write_index(tmp_path, [{**ROW, "sae_dir": "a"}])
+    _write_index(tmp_path, [{**ROW, "sae_dir": "a", "store_dir": str(tmp_path / "stores" / "s")}])
     t = read_hookpoints(tmp_path)
     assert t.loc[0, "latents_dir"] == str((tmp_path / "sae" / "a" / "latents").resolve())
-    assert t.loc[0, "store_dir"] == "/abs/store" and t.loc[0, "embedding_store_dir"] == ""
+    assert t.loc[0, "store_dir"] == str((tmp_path / "stores" / "s").resolve()) and t.loc[0, "embedding_store_dir"] == ""
     assert t.loc[0, "t"] == 25
+
+
+@pytest.mark.parametrize("column", ["sae_dir", "latents_dir", "store_dir", "embedding_store_dir"])
+@pytest.mark.parametrize("value", ["../../etc", "/etc", "sae/../../../../etc/x", "~/elsewhere", "link/inside"])
+def test_index_paths_must_stay_in_the_run_or_cache_folder(tmp_path, column, value):
+    """A crafted hookpoints.csv cannot point the browser (reads, and its cache writes) outside the run folder or
+    the cache folder: relative escapes, absolute paths and symlinks that lead out are refused by name."""
+    from revelio_nb.paths import cache_dir
+
+    run = tmp_path / "run"
+    (run / "sae").mkdir(parents=True)
+    (run / "sae" / "link").symlink_to(tmp_path.parent, target_is_directory=True)  # in the run, leads out of it
+    _write_index(run, [{**ROW, "store_dir": "stores/s", column: value}])
+    with pytest.raises(BrowserError) as e:
+        read_hookpoints(run)
+    msg = str(e.value)
+    assert f"column {column!r} = {value!r}" in msg and str(run.resolve()) in msg and str(cache_dir().resolve()) in msg
+    b = LatentBrowser(run, progress=False)  # in the widget: a message, nothing read
+    assert column in b.message and b.view is None
+    with pytest.raises(BrowserError):
+        gallery.load_all(run)
+    # an explicitly allowed extra folder is accepted
+    if value.startswith(("/etc", "../../etc")):
+        target = (run / "sae" / value).resolve() if not value.startswith("/") else Path(value).resolve()
+        assert read_hookpoints(run, extra_roots=[target.parent]).loc[0, column] == str(target)
+
+
+def test_index_paths_inside_the_cache_and_run_are_accepted(tmp_path):
+    from revelio_nb.paths import cache_dir
+
+    run = tmp_path / "run"
+    (run / "sae").mkdir(parents=True)
+    inside = cache_dir("sae") / "x" / "latents"
+    _write_index(run, [{**ROW, "sae_dir": str(cache_dir("sae") / "x"), "latents_dir": str(inside),
+                        "store_dir": "../features/s"}])
+    t = read_hookpoints(run)
+    assert t.loc[0, "latents_dir"] == str(inside.resolve())
+    assert t.loc[0, "store_dir"] == str((run / "features" / "s").resolve())
+
+
+def test_browser_cache_writes_do_not_follow_symlinks(tmp_path):
+    """The embedding / firing caches are written to a fresh exclusive temporary file and renamed: a symlink planted
+    at the cache file's name (or at a predictable temporary name) is replaced or ignored, never written through."""
+    folder = tmp_path / "latents"
+    folder.mkdir()
+    outside = tmp_path / "outside.npz"
+    outside.write_bytes(b"precious")
+    (folder / "firing.npz").symlink_to(outside)
+    import os
+    for pid_name in (f".firing.npz.tmp{os.getpid()}.npz", f".firing.npz.tmp{os.getpid()}"):
+        (folder / pid_name).symlink_to(tmp_path / f"also-outside-{len(pid_name)}")
+    got = widgets._cache_file(folder, "firing.npz", "k1", lambda: {"a": np.arange(3)})
+    assert got["a"].tolist() == [0, 1, 2]
+    assert outside.read_bytes() == b"precious" and not list(tmp_path.glob("also-outside-*"))
+    assert not (folder / "firing.npz").is_symlink()
+    with np.load(folder / "firing.npz") as z:
+        assert str(z["key"]) == "k1"
 
 
 def test_sort_latents_orders_filters_and_puts_missing_last():
@@ -202,32 +258,31 @@ def test_missing_index_is_a_message_in_the_widget(tmp_path):
 
 
 def test_missing_empty_or_all_dead_tables_are_messages(demo, tmp_path):
+    run = tmp_path / "run"  # the tables live in the run folder (the browser reads nothing outside it and the cache)
     good = read_hookpoints(demo)
     rows = [good.iloc[0].to_dict()]
-    missing = {**rows[0], "hookpoint": "missing", "latents_dir": str(tmp_path / "nowhere")}
-    empty_dir = tmp_path / "empty"
+    missing = {**rows[0], "hookpoint": "missing", "latents_dir": str(run / "nowhere")}
+    empty_dir = run / "empty"
     LatentStats(table=pd.DataFrame(columns=["latent", "freq_tokens", "freq_images"]),
                 top_rows=np.zeros((0, 4), np.int64), top_values=np.zeros((0, 4), np.float32),
                 top_images=np.zeros((0, 4), np.int64)).save(empty_dir)
     empty = {**rows[0], "hookpoint": "empty", "latents_dir": str(empty_dir)}
-    broken_dir = tmp_path / "broken"
-    broken_dir.mkdir()
+    broken_dir = run / "broken"
+    broken_dir.mkdir(parents=True)
     (broken_dir / "latents.csv").write_text("")
     broken = {**rows[0], "hookpoint": "broken", "latents_dir": str(broken_dir)}
-    dead_dir = tmp_path / "dead"
-    shutil.copytree(rows[0]["latents_dir"], dead_dir)
-    t = pd.read_csv(dead_dir / "latents.csv")
-    t["freq_tokens"] = 0.0
-    t.to_csv(dead_dir / "latents.csv", index=False)
+    dead_dir = run / "dead"
+    dead_stats = LatentStats.load(rows[0]["latents_dir"])
+    dead_stats.table["freq_tokens"] = 0.0
+    dead_stats.save(dead_dir)
     dead = {**rows[0], "hookpoint": "all dead", "latents_dir": str(dead_dir)}
-    run = tmp_path / "run"
     _write_index(run, [missing, empty, broken, dead, rows[0]])
     b = LatentBrowser(run, top_n=4, progress=False)
-    assert "missing" in b.message and "latents.csv missing" in b.message and b.view is None
+    assert "missing" in b.message and "no latent statistics" in b.message and b.view is None
     b.hookpoint_dd.value = "empty"
     assert "empty (0 latents)" in b.message and b.view is None
     b.hookpoint_dd.value = "broken"
-    assert "unreadable" in b.message
+    assert "not committed" in b.message
     b.hookpoint_dd.value = "all dead"
     assert "all" in b.message and "dead" in b.message and "untick" in b.message and b.view is None
     b.dead_cb.value = False
@@ -275,7 +330,7 @@ def test_embedding_and_firing_caches_are_reused(demo):
 # ------------------------------------------------------------------------------------------ static output
 def _payload(page: Path) -> dict:
     text = page.read_text()
-    return json.loads(re.search(r"const D = (\{.*?\});\nconst \$", text, re.S).group(1).replace("<\\/", "</"))
+    return json.loads(re.search(r'<script type="application/json" id="revelio-data">(.*?)</script>', text, re.S).group(1))
 
 
 def test_png_gallery_and_standalone_page(demo, tmp_path):
@@ -303,3 +358,13 @@ def test_png_gallery_and_standalone_page(demo, tmp_path):
         ptr = np.frombuffer(base64.b64decode(h["firing_ptr"]), "<i4")
         assert ptr[-1] == sum(min(len(d.firing_images(m)[0]), 1000) for m in range(d.num_latents))
     assert gallery.write_static_browser(tmp_path / "nothing") is None
+
+
+def test_row_dataset_must_be_the_one_its_store_was_extracted_from(demo):
+    """Another dataset name in the index would show other images (and could point the browser at any image
+    folder): refused by name."""
+    row = read_hookpoints(demo).iloc[0].to_dict()
+    assert row["dataset"] == "animal-mnist"
+    with pytest.raises(BrowserError, match="dataset 'digits' is not the one its store .* extracted from "
+                                           "\\('animal-mnist'\\)"):
+        widgets.load_hookpoint({**row, "dataset": "digits"}, progress=False)

@@ -14,11 +14,13 @@ Both read exactly what the widget reads (:func:`revelio_nb.widgets.load_hookpoin
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Sequence
@@ -26,27 +28,32 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from .paths import atomic_write_text
 from .plots import save_table, savefig
-from .widgets import (SORTS, BrowserError, HookpointData, available_sorts, class_colors, compose_image, display_image,
-                      heat_lut, load_hookpoint, read_hookpoints, slugify, sort_latents)
+from .widgets import (SORTS, BrowserError, HookpointData, allowed_roots, available_sorts, class_colors, compose_image,
+                      display_image, heat_lut, load_hookpoint, read_hookpoints, slugify, sort_latents)
 
 TABLE_COLUMNS = ("latent", "freq_images", "freq_tokens", "mean_act", "max_act", "purity", "majority_label",
                  "best_auroc", "best_auroc_label", "n_top", "dead")
 
 
-def _rows(hookpoints: pd.DataFrame | None, run_dir) -> list[dict]:
+def _rows(hookpoints: pd.DataFrame | None, run_dir, extra_roots: Sequence = ()) -> list[dict]:
     if hookpoints is None:
-        hookpoints = read_hookpoints(run_dir)
+        hookpoints = read_hookpoints(run_dir, extra_roots)
     return [r.to_dict() for _, r in hookpoints.iterrows()]
 
 
 def load_all(run_dir: str | os.PathLike | None = None, hookpoints: pd.DataFrame | None = None,
-             embedding: str = "pca", seed: int = 0, progress: bool = True) -> tuple[list[HookpointData], list[str]]:
-    """Every hookpoint that loads, and a message for each one that does not (never raises for a bad hookpoint)."""
+             embedding: str = "pca", seed: int = 0, progress: bool = True,
+             extra_roots: Sequence[str | os.PathLike] = ()) -> tuple[list[HookpointData], list[str]]:
+    """Every hookpoint that loads, and a message for each one that does not (never raises for a bad hookpoint).
+
+    With ``run_dir``, every folder the rows name must lie in the run folder, the cache folder or ``extra_roots``."""
     out, problems = [], []
-    for row in _rows(hookpoints, run_dir):
+    roots = allowed_roots(run_dir, extra_roots) if run_dir is not None else None
+    for row in _rows(hookpoints, run_dir, extra_roots):
         try:
-            out.append(load_hookpoint(row, embedding=embedding, seed=seed, progress=progress))
+            out.append(load_hookpoint(row, embedding=embedding, seed=seed, progress=progress, roots=roots))
         except (FileNotFoundError, BrowserError, ValueError, KeyError, OSError) as e:
             problems.append(f"skipped hookpoint {row['hookpoint']!r}: {e}")
     return out, problems
@@ -116,11 +123,12 @@ def gallery_figure(d: HookpointData, latents: Sequence[int], n_images: int = 8, 
         texts.append((-8, y0 + cell_px / 2, info, "right"))
     ax.imshow(canvas, interpolation="nearest")
     for x, y, s, ha in texts:
-        ax.text(x, y, s, fontsize=6.5 if ha == "center" else 7.5, ha=ha, va="bottom" if ha == "center" else "center")
+        ax.text(x, y, s, fontsize=6.5 if ha == "center" else 7.5, ha=ha, va="bottom" if ha == "center" else "center",
+                parse_math=False)  # class names are data: a '$' must not start mathtext
     ax.set_xlim(-0.5, canvas.shape[1] - 0.5)
     ax.set_ylim(canvas.shape[0] - 0.5, -0.5)
     ax.axis("off")
-    fig.suptitle(d.label, fontsize=10, y=0.995, va="top")
+    fig.suptitle(d.label, fontsize=10, y=0.995, va="top", parse_math=False)
     return fig
 
 
@@ -268,20 +276,17 @@ def write_html(data: Sequence[HookpointData], path: str | os.PathLike, top_n: in
     hps.sort(key=lambda h: order[h["label"]])
     payload = {"title": title, "created": time.strftime("%Y-%m-%d %H:%M"), "embedding": embedding.upper(),
                "sorts": list(SORTS), "sprites": sprites, "hookpoints": hps, "lut": _b64(heat_lut(), "u1")}
-    blob = json.dumps(payload, separators=(",", ":")).replace("</", "<\\/")
-    page = _PAGE.replace("__TITLE__", html.escape(title)).replace("__DATA__", blob)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
+    page = render_page(payload, title)
+    atomic_write_text(path, page)
     return path
 
 
 def write_static_browser(run_dir: str | os.PathLike, data: Sequence[HookpointData] | None = None,
-                         top_n: int = 16, **kwargs) -> Path | None:
+                         top_n: int = 16, extra_roots: Sequence[str | os.PathLike] = (), **kwargs) -> Path | None:
     """``<run_dir>/browser/latents.html`` for the run's hookpoints (None, with a printed reason, when there are none)."""
     if data is None:
         try:
-            data, problems = load_all(run_dir)
+            data, problems = load_all(run_dir, extra_roots=extra_roots)
         except (FileNotFoundError, BrowserError) as e:
             print(f"no static browser written: {e}")
             return None
@@ -293,61 +298,48 @@ def write_static_browser(run_dir: str | os.PathLike, data: Sequence[HookpointDat
     return write_html(data, Path(run_dir) / "browser" / "latents.html", top_n=top_n, **kwargs)
 
 
-_PAGE = r"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data: blob:; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
-<title>__TITLE__</title>
-<style>
+_STYLE = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:14px;color:#222;background:#fafafa}
 h1{font-size:18px;margin:0 0 8px}
 .row{display:flex;flex-wrap:wrap;align-items:center;gap:10px;margin:6px 0}
 select,input,button{font-size:13px}
 #slider{width:420px}
+#jump{width:70px}
 #stats{font-size:13px;margin:8px 0;padding:6px 8px;background:#fff;border:1px solid #ddd;border-radius:4px}
 #msg{color:#a00;font-size:13px}
 #main{display:flex;gap:18px;align-items:flex-start;flex-wrap:wrap}
+#main.empty{display:none}
 #grid{display:grid;grid-template-columns:repeat(8,80px);gap:4px}
 .cell{text-align:center;font-size:10px;line-height:11px}
+.cell.hidden{visibility:hidden}
 .cell canvas{width:72px;height:72px;image-rendering:pixelated;border:1px solid #ccc;background:#000}
+.cap div{overflow:hidden;white-space:nowrap;text-overflow:ellipsis;max-width:80px}
+.bhead{font-size:12px;display:block}
 .bar{display:flex;align-items:center;font-size:11px;line-height:14px}
 .bar .n{width:74px;overflow:hidden;white-space:nowrap}
+.bar .sw{display:inline-block;height:10px}
+.bar .c{margin-left:4px}
 #scatter{border:1px solid #ccc;background:#fff}
 #scap{font-size:11px;color:#444;width:360px}
 .note{font-size:11px;color:#666}
-</style></head><body>
-<h1>__TITLE__</h1>
-<div class="note" id="meta"></div>
-<div class="row">
- <label>hookpoint <select id="hp"></select></label>
- <label>sort by <select id="sort"></select></label>
- <label><input type="checkbox" id="hidedead" checked> hide dead latents</label>
- <label><input type="checkbox" id="heat" checked> heatmap overlay</label>
-</div>
-<div class="row">
- <button id="prev">&#9664; prev</button>
- <input type="range" id="slider" min="0" max="0" value="0">
- <button id="next">next &#9654;</button>
- <span id="rank"></span>
- <label>latent # <input type="number" id="jump" min="0" value="0" style="width:70px"></label>
-</div>
-<div id="msg"></div>
-<div id="stats"></div>
-<div id="main">
- <div id="grid"></div>
- <div><div id="bars"></div><canvas id="scatter" width="360" height="300"></canvas><div id="scap"></div></div>
-</div>
-<script>
+"""
+
+# The page's only executable code. It is static (data arrive as JSON in a non-executed data block) and builds every
+# element that shows data with textContent, never innerHTML; the CSP admits exactly this script by its hash.
+_SCRIPT = r"""
 "use strict";
-const D = __DATA__;
+const D = JSON.parse(document.getElementById("revelio-data").textContent);
 const $ = id => document.getElementById(id);
+function el(tag, cls, text) { const e = document.createElement(tag); if (cls) e.className = cls; if (text !== undefined) e.textContent = text; return e; }
 function dec(s, T) { const b = atob(s); const u = new Uint8Array(b.length); for (let i = 0; i < b.length; i++) u[i] = b.charCodeAt(i); return new T(u.buffer); }
 const LUT = dec(D.lut, Uint8Array);
 const SORTCOL = {"frequency": ["freq_images", true], "purity": ["purity", true], "max activation": ["max_act", true], "AUROC": ["best_auroc", true], "index": ["latent", false]};
-const sprites = {};
+const sprites = Object.create(null);
+const spriteKeys = Object.keys(D.sprites);
 let ready = 0;
-for (const [k, s] of Object.entries(D.sprites)) { const im = new Image(); im.onload = () => { ready++; if (ready === Object.keys(D.sprites).length) init(); }; im.src = s.uri; sprites[k] = {img: im, ...s}; }
-if (Object.keys(D.sprites).length === 0) init();
-const cache = {};
+for (const k of spriteKeys) { const s = D.sprites[k]; const im = new Image(); im.onload = () => { ready++; if (ready === spriteKeys.length) init(); }; im.src = s.uri; sprites[k] = {img: im, cell: s.cell, cols: s.cols}; }
+if (spriteKeys.length === 0) init();
+const cache = Object.create(null);
 function hp(i) {
   if (cache[i]) return cache[i];
   const h = D.hookpoints[i];
@@ -360,6 +352,7 @@ let order = [], cur = null;
 const S = window.revelioState = {hookpoint: null, latent: null, images: [], updates: 0};
 function fmt(v, d) { return (v === null || v === undefined || Number.isNaN(v)) ? "n/a" : Number(v).toPrecision(d); }
 function pct(v, d) { return (v === null || v === undefined) ? "n/a" : (100 * v).toFixed(d) + "%"; }
+function className(h, i) { const n = h.class_names[i]; return typeof n === "string" ? n : String(i); }
 function sortOrder(x) {
   const t = x.h.table, [col, desc] = SORTCOL[$("sort").value], hide = $("hidedead").checked;
   const ids = []; for (let i = 0; i < x.h.num_latents; i++) if (!(hide && t.dead && t.dead[i])) ids.push(i);
@@ -369,30 +362,33 @@ function sortOrder(x) {
 }
 function init() {
   $("meta").textContent = `${D.hookpoints.length} hookpoints · generated ${D.created} · static page: all data embedded, works offline`;
-  D.hookpoints.forEach((h, i) => { const o = document.createElement("option"); o.value = i; o.textContent = h.label; $("hp").appendChild(o); });
+  D.hookpoints.forEach((h, i) => { const o = el("option", "", h.label); o.value = String(i); $("hp").appendChild(o); });
   if (!D.hookpoints.length) { $("msg").textContent = "no hookpoints in this page"; return; }
   const hash = new URLSearchParams(location.hash.slice(1));
   if (hash.has("hp") && +hash.get("hp") < D.hookpoints.length) $("hp").value = hash.get("hp");
-  $("hp").onchange = () => { selectHp(null); };
-  $("sort").onchange = () => { reorder(cur); };
-  $("hidedead").onchange = () => { reorder(cur); };
-  $("heat").onchange = () => render();
-  $("slider").oninput = () => render();
-  $("prev").onclick = () => step(-1);
-  $("next").onclick = () => step(1);
-  $("jump").onchange = () => jump(+$("jump").value);
+  $("hp").addEventListener("change", () => selectHp(null));
+  $("sort").addEventListener("change", () => reorder(cur));
+  $("hidedead").addEventListener("change", () => reorder(cur));
+  $("heat").addEventListener("change", () => render());
+  $("slider").addEventListener("input", () => render());
+  $("prev").addEventListener("click", () => step(-1));
+  $("next").addEventListener("click", () => step(1));
+  $("jump").addEventListener("change", () => jump(+$("jump").value));
   document.addEventListener("keydown", e => { if (e.target.tagName === "INPUT" && e.target.type !== "range") return;
     if (e.key === "ArrowLeft" && e.target.id !== "slider") step(-1); if (e.key === "ArrowRight" && e.target.id !== "slider") step(1); });
   selectHp(hash.has("latent") ? +hash.get("latent") : null);
 }
 function selectHp(keepLatent) {
   const x = hp(+$("hp").value), h = x.h, sel = $("sort");
-  const prev = sel.value; sel.innerHTML = "";
-  for (const s of D.sorts) { const [col] = SORTCOL[s]; if (col === "latent" || (h.table[col] && h.table[col].some(v => v !== null))) { const o = document.createElement("option"); o.textContent = s; sel.appendChild(o); } }
+  const prev = sel.value; sel.replaceChildren();
+  for (const s of D.sorts) { const [col] = SORTCOL[s]; if (col === "latent" || (h.table[col] && h.table[col].some(v => v !== null))) sel.appendChild(el("option", "", s)); }
   sel.value = [...sel.options].some(o => o.value === prev) ? prev : "frequency";
   $("heat").disabled = !h.spatial; $("jump").max = h.num_latents - 1;
-  const g = $("grid"); g.innerHTML = "";
-  for (let r = 0; r < h.top_n; r++) { const c = document.createElement("div"); c.className = "cell"; c.innerHTML = `<canvas width="72" height="72"></canvas><div class="cap"></div>`; g.appendChild(c); }
+  const g = $("grid"); g.replaceChildren();
+  for (let r = 0; r < h.top_n; r++) {
+    const c = el("div", "cell"), cv = el("canvas"), cap = el("div", "cap");
+    cv.width = 72; cv.height = 72; cap.append(el("div", "v"), el("div", "c")); c.append(cv, cap); g.appendChild(c);
+  }
   $("msg").textContent = h.notes.join("; ");
   reorder(keepLatent);
 }
@@ -408,7 +404,7 @@ function jump(lat) { if (order.indexOf(lat) < 0 && $("hidedead").checked) { $("h
 function drawThumb(canvas, x, lat, r, heat) {
   const h = x.h, sp = sprites[h.sprite], ctx = canvas.getContext("2d"), slot = x.slots[lat * h.top_n + r];
   ctx.imageSmoothingEnabled = false; ctx.clearRect(0, 0, 72, 72);
-  if (slot < 0) return;
+  if (slot < 0 || !sp) return;
   const sx = (slot % sp.cols) * sp.cell, sy = Math.floor(slot / sp.cols) * sp.cell;
   ctx.drawImage(sp.img, sx, sy, sp.cell, sp.cell, 0, 0, 72, 72);
   if (heat && x.maps) {
@@ -418,45 +414,51 @@ function drawThumb(canvas, x, lat, r, heat) {
     oc.putImageData(id, 0, 0); ctx.drawImage(off, 0, 0, 72, 72);
   }
 }
+function drawBars(x, h, lat) {
+  const bars = $("bars"), C = h.n_classes;
+  bars.replaceChildren();
+  if (!C) return;
+  const counts = Array.from(x.counts.slice(lat * C, lat * C + C)), tot = counts.reduce((a, b) => a + b, 0), mx = Math.max(1, ...counts);
+  bars.appendChild(el("b", "bhead", `classes of the top ${tot} images`));
+  counts.forEach((c, i) => {
+    const [r, g, b] = h.colors[i] || [128, 128, 128], name = className(h, i), row = el("div", "bar"), n = el("span", "n", name), sw = el("span", "sw");
+    n.title = name; sw.style.width = `${Math.round(120 * c / mx)}px`; sw.style.background = `rgb(${+r},${+g},${+b})`;
+    row.append(n, sw, el("span", "c", String(c))); bars.appendChild(row);
+  });
+}
 function render() {
   const t0 = performance.now();
   const x = hp(+$("hp").value), h = x.h, t = h.table;
   if (!order.length) {
     const dead = t.dead ? t.dead.filter(v => v).length : 0;
     $("msg").textContent = `no latents to show: all ${dead} of ${h.num_latents} latents are dead; untick 'hide dead latents'`;
-    $("stats").textContent = ""; $("main").style.display = "none"; cur = null; S.latent = null; S.images = []; return;
+    $("stats").textContent = ""; $("main").classList.add("empty"); cur = null; S.latent = null; S.images = []; return;
   }
-  $("main").style.display = ""; $("msg").textContent = h.notes.join("; ");
+  $("main").classList.remove("empty"); $("msg").textContent = h.notes.join("; ");
   const pos = +$("slider").value, lat = order[pos]; cur = lat;
   $("rank").textContent = `rank ${pos + 1}/${order.length}`; $("jump").value = lat;
-  const cn = h.class_names, g = i => t[i] ? t[i][lat] : null;
+  const g = i => t[i] ? t[i][lat] : null;
   const maj = g("majority_label"), auc = g("best_auroc_label");
   let s = `latent #${lat} · rank ${pos + 1}/${order.length} · fires on ${pct(g("freq_images"), 1)} of images (${pct(g("freq_tokens"), 2)} of tokens) · mean act ${fmt(g("mean_act"), 3)} · max act ${fmt(g("max_act"), 3)}`;
-  if (t.purity) s += ` · purity ${g("purity") === null ? "n/a" : g("purity").toFixed(2)}` + (maj !== null && maj >= 0 ? ` (majority: ${cn[maj]})` : "");
-  if (t.best_auroc) s += ` · best AUROC ${g("best_auroc") === null ? "n/a" : g("best_auroc").toFixed(3)}` + (auc !== null && auc >= 0 && g("best_auroc") !== null ? ` (${cn[auc]})` : "");
+  if (t.purity) s += ` · purity ${g("purity") === null ? "n/a" : g("purity").toFixed(2)}` + (maj !== null && maj >= 0 ? ` (majority: ${className(h, maj)})` : "");
+  if (t.best_auroc) s += ` · best AUROC ${g("best_auroc") === null ? "n/a" : g("best_auroc").toFixed(3)}` + (auc !== null && auc >= 0 && g("best_auroc") !== null ? ` (${className(h, auc)})` : "");
   s += g("dead") ? " · DEAD (never fires)" : " · alive";
   $("stats").textContent = s;
   const heat = $("heat").checked && h.spatial, cells = $("grid").children, shown = [];
   for (let r = 0; r < h.top_n; r++) {
     const slot = x.slots[lat * h.top_n + r], cell = cells[r];
-    if (slot < 0) { cell.style.visibility = "hidden"; continue; }
-    cell.style.visibility = "visible"; shown.push(slot);
+    if (slot < 0) { cell.classList.add("hidden"); continue; }
+    cell.classList.remove("hidden"); shown.push(slot);
     drawThumb(cell.firstChild, x, lat, r, heat);
-    const lab = x.labels[lat * h.top_n + r];
-    cell.lastChild.innerHTML = `${fmt(x.values[lat * h.top_n + r], 3)}<br>${lab >= 0 ? cn[lab] : ""}`;
+    const lab = x.labels[lat * h.top_n + r], cap = cell.lastChild;
+    cap.firstChild.textContent = fmt(x.values[lat * h.top_n + r], 3);
+    cap.lastChild.textContent = lab >= 0 ? className(h, lab) : "";
   }
-  // class bars
-  const C = h.n_classes; let html = "";
-  if (C) {
-    const counts = Array.from(x.counts.slice(lat * C, lat * C + C)), tot = counts.reduce((a, b) => a + b, 0), mx = Math.max(1, ...counts);
-    html = `<b style="font-size:12px">classes of the top ${tot} images</b>`;
-    counts.forEach((c, i) => { const [r, gg, b] = h.colors[i]; html += `<div class="bar"><span class="n">${cn[i]}</span><span style="display:inline-block;height:10px;width:${Math.round(120 * c / mx)}px;background:rgb(${r},${gg},${b})"></span><span style="margin-left:4px">${c}</span></div>`; });
-  }
-  $("bars").innerHTML = html;
+  drawBars(x, h, lat);
   // dataset view
   const cv = $("scatter"), ctx = cv.getContext("2d"), W = cv.width, H = cv.height, P = x.points.length / 2;
   const px = i => 8 + x.points[2 * i] * (W - 16), py = i => H - 8 - x.points[2 * i + 1] * (H - 16);
-  const col = i => { const c = h.colors[Math.max(0, Math.min(x.plabels[i], h.colors.length - 1))] || [128, 128, 128]; return `rgb(${c[0]},${c[1]},${c[2]})`; };
+  const col = i => { const c = h.colors[Math.max(0, Math.min(x.plabels[i], h.colors.length - 1))] || [128, 128, 128]; return `rgb(${+c[0]},${+c[1]},${+c[2]})`; };
   ctx.clearRect(0, 0, W, H); ctx.globalAlpha = 0.35;
   for (let i = 0; i < P; i++) { ctx.fillStyle = col(i); ctx.beginPath(); ctx.arc(px(i), py(i), 1.8, 0, 2 * Math.PI); ctx.fill(); }
   ctx.globalAlpha = 1; ctx.strokeStyle = "#282828"; ctx.lineWidth = 1;
@@ -469,5 +471,61 @@ function render() {
   document.body.dataset.latent = lat;
   try { history.replaceState(null, "", `#hp=${$("hp").value}&latent=${lat}`); } catch (e) { /* file:// in some browsers */ }
 }
-</script></body></html>
 """
+
+
+def _csp_hash(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode() + "'"
+
+
+# No network request of any kind (default-src 'none'); images only from data:/blob: URIs; the one style block and
+# the one script by their hashes, so no inline event handler, javascript: URL or injected <script> can run.
+PAGE_CSP = (f"default-src 'none'; img-src data: blob:; style-src {_csp_hash(_STYLE)}; "
+            f"script-src {_csp_hash(_SCRIPT)}; base-uri 'none'; form-action 'none'")
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="__CSP__">
+<title>__TITLE__</title>
+<style>__STYLE__</style></head><body>
+<h1>__TITLE__</h1>
+<div class="note" id="meta"></div>
+<div class="row">
+ <label>hookpoint <select id="hp"></select></label>
+ <label>sort by <select id="sort"></select></label>
+ <label><input type="checkbox" id="hidedead" checked> hide dead latents</label>
+ <label><input type="checkbox" id="heat" checked> heatmap overlay</label>
+</div>
+<div class="row">
+ <button id="prev">&#9664; prev</button>
+ <input type="range" id="slider" min="0" max="0" value="0">
+ <button id="next">next &#9654;</button>
+ <span id="rank"></span>
+ <label>latent # <input type="number" id="jump" min="0" value="0"></label>
+</div>
+<div id="msg"></div>
+<div id="stats"></div>
+<div id="main">
+ <div id="grid"></div>
+ <div><div id="bars"></div><canvas id="scatter" width="360" height="300"></canvas><div id="scap"></div></div>
+</div>
+<script type="application/json" id="revelio-data">__DATA__</script>
+<script>__SCRIPT__</script></body></html>
+"""
+
+
+def json_for_html(obj) -> str:
+    """JSON text that is inert inside an HTML ``<script>`` data block: ``<``, ``>``, ``&`` and U+2028/9 are
+    written as ``\\uXXXX`` escapes (so no ``</script>``, ``<!--`` or ``<script`` can appear), NaN is refused."""
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    for ch, esc in (("&", "\\u0026"), ("<", "\\u003c"), (">", "\\u003e"), ("\u2028", "\\u2028"),
+                    ("\u2029", "\\u2029")):
+        text = text.replace(ch, esc)
+    return text
+
+
+def render_page(payload: dict, title: str) -> str:
+    """The page's HTML: template slots filled in one pass (a value can never fill another slot)."""
+    slots = {"__CSP__": PAGE_CSP, "__TITLE__": html.escape(title), "__STYLE__": _STYLE, "__SCRIPT__": _SCRIPT,
+             "__DATA__": json_for_html(payload)}
+    return re.sub("|".join(slots), lambda m: slots[m.group(0)], _PAGE)

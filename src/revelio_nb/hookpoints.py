@@ -77,13 +77,10 @@ def train_hookpoint(run: HookpointRun, block: str, t: int, model: DiffusionModel
     eval_features = eval_store.array(block, t)
     metrics = sae.evaluate_sae(model_sae, eval_features)
     lat_dir = artifacts.latents_dir(sae_dir, eval_store, run.top_n)
-    if (lat_dir / "latents.csv").is_file():
-        stats = latents.LatentStats.load(lat_dir)
-    else:
-        stats = latents.latent_stats(model_sae, eval_features, eval_store.labels, top_n=run.top_n,
-                                     image_index=eval_store.indices, class_names=eval_store.class_names,
-                                     progress=progress)
-        stats.save(lat_dir)
+    stats = latents.load_or_compute(  # only committed, intact statistics count as computed
+        lat_dir, lambda: latents.latent_stats(model_sae, eval_features, eval_store.labels, top_n=run.top_n,
+                                              image_index=eval_store.indices, class_names=eval_store.class_names,
+                                              progress=progress))
     embedding_store = eval_store
     if run.pooling == "none":  # the browser's 2-D view needs pooled vectors of the same images
         embedding_store = features.extract_features(run.store_config(run.eval_split, pooling="mean"), model=model,

@@ -8,11 +8,13 @@ activation map of each top image.
 An image's score for a latent is its activation (pooled) or its maximum over positions (spatial); images where
 the latent does not fire score 0. Only the non-zero (image, latent, score) entries are kept, never a dense
 [images, latents] matrix. Results are tables on disk (CSV + ``.npz``/``.npy``, no pickle) so browsing never
-recomputes.
+recomputes; ``meta.json``, written last, commits them (sizes and SHA-256 of the parts), so an interrupted save is
+never mistaken for finished statistics.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -26,7 +28,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .paths import atomic_write_json
+from .paths import atomic_path
 from .sae import ArraySource, SparseAutoencoder, as_source
 
 
@@ -63,38 +65,148 @@ class LatentStats:
         return out
 
     def save(self, folder: str | os.PathLike) -> Path:
-        """``latents.csv``, ``top.npz`` (rows, values, images, label counts), ``maps.npy``, ``meta.json``."""
+        """Write the parts, then commit them: ``latents.csv``, ``top.npz`` (rows, values, images, labels, label
+        counts), ``maps.npy`` (spatial), each written atomically, then ``meta.json`` (the stats' meta and the size
+        and SHA-256 of every part), the one commit marker. A kill at any moment leaves either the committed new
+        statistics or an uncommitted folder that :meth:`load` refuses and :func:`is_committed` reports as not
+        computed (the marker is removed before the first part is written).
+        """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.table.to_csv(folder / "latents.csv", index=False)
+        (folder / MARKER).unlink(missing_ok=True)  # uncommitted from here until the new marker lands
+        csv = self.table.to_csv(index=False).encode("utf-8")
+        parts = {"latents.csv": _atomic_write(folder / "latents.csv", lambda f: f.write(csv))}
         arrays = {"top_rows": self.top_rows, "top_values": self.top_values, "top_images": self.top_images}
         if self.label_counts is not None:
             arrays["label_counts"] = self.label_counts
+        if self.top_labels is not None:
             arrays["top_labels"] = self.top_labels
-        np.savez(folder / "top.npz", **arrays)
+        parts["top.npz"] = _atomic_write(folder / "top.npz", lambda f: np.savez(f, **arrays))
         if self.maps is not None:
-            np.save(folder / "maps.npy", self.maps)
-        elif (folder / "maps.npy").exists():
-            (folder / "maps.npy").unlink()
-        atomic_write_json(folder / "meta.json", self.meta)
+            maps = self.maps
+            parts["maps.npy"] = _atomic_write(folder / "maps.npy", lambda f: np.save(f, maps, allow_pickle=False))
+        else:
+            (folder / "maps.npy").unlink(missing_ok=True)
+        record = {"format": STATS_FORMAT, "version": STATS_VERSION, "meta": self.meta, "parts": parts}
+        text = json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
+        _atomic_write(folder / MARKER, lambda f: f.write(text.encode()))
         return folder
 
     @classmethod
-    def load(cls, folder: str | os.PathLike, mmap_maps: bool = True) -> "LatentStats":
+    def load(cls, folder: str | os.PathLike, mmap_maps: bool = True, verify: bool = True) -> "LatentStats":
+        """A committed statistics folder (see :meth:`save`).
+
+        Raises ``FileNotFoundError`` when the folder holds no statistics and :class:`LatentStatsError` (naming the
+        part) when they are uncommitted (an interrupted save, or written by an older version) or a part does not
+        match the commit record (size always; SHA-256 too with ``verify``).
+        """
         folder = Path(folder)
-        if not (folder / "latents.csv").is_file():
-            raise FileNotFoundError(f"{folder} holds no latent statistics (latents.csv missing)")
-        with np.load(folder / "top.npz", allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-        maps_path = folder / "maps.npy"
-        maps = None
-        if maps_path.exists():
-            maps = np.load(maps_path, mmap_mode="r" if mmap_maps else None, allow_pickle=False)
-        meta = json.loads((folder / "meta.json").read_text()) if (folder / "meta.json").exists() else {}
-        return cls(table=pd.read_csv(folder / "latents.csv"), top_rows=arrays["top_rows"],
-                   top_values=arrays["top_values"], top_images=arrays["top_images"],
-                   top_labels=arrays.get("top_labels"), label_counts=arrays.get("label_counts"), maps=maps,
-                   meta=meta)
+        record = check_committed(folder, verify=verify)
+        try:
+            with np.load(folder / "top.npz", allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+            maps = None
+            if "maps.npy" in record["parts"]:
+                maps = np.load(folder / "maps.npy", mmap_mode="r" if mmap_maps else None, allow_pickle=False)
+            table = pd.read_csv(folder / "latents.csv")
+        except (OSError, ValueError, pd.errors.EmptyDataError, pd.errors.ParserError) as e:
+            raise LatentStatsError(f"latent statistics in {folder} are unreadable: {e}") from e
+        missing = [k for k in ("top_rows", "top_values", "top_images") if k not in arrays]
+        if missing:
+            raise LatentStatsError(f"{folder / 'top.npz'} lacks the arrays {missing}")
+        return cls(table=table, top_rows=arrays["top_rows"], top_values=arrays["top_values"],
+                   top_images=arrays["top_images"], top_labels=arrays.get("top_labels"),
+                   label_counts=arrays.get("label_counts"), maps=maps, meta=dict(record.get("meta") or {}))
+
+
+# -------------------------------------------------------------------------------------------- commit record
+MARKER = "meta.json"
+"""The commit marker of a statistics folder, written last (see :meth:`LatentStats.save`)."""
+STATS_FORMAT = "revelio-latent-stats"
+STATS_VERSION = 2
+_PARTS = ("latents.csv", "top.npz", "maps.npy")
+
+
+class LatentStatsError(ValueError):
+    """Latent statistics that are uncommitted, damaged or unreadable (the message names the folder and part)."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, write) -> dict[str, Any]:
+    """``write(binary file)`` through :func:`~revelio_nb.paths.atomic_path` (unique temporary, fsync, rename);
+    returns the part's commit record (bytes, sha256)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            write(f)
+        record = {"bytes": tmp.stat().st_size, "sha256": _sha256(tmp)}
+    return record
+
+
+def check_committed(folder: str | os.PathLike, verify: bool = True) -> dict[str, Any]:
+    """The commit record of a statistics folder whose parts all match it; else ``FileNotFoundError`` (no
+    statistics there) or :class:`LatentStatsError` naming what is wrong."""
+    folder = Path(folder)
+    marker = folder / MARKER
+    if not marker.is_file():
+        if any((folder / p).exists() for p in _PARTS):
+            raise LatentStatsError(f"latent statistics in {folder} are not committed ({MARKER} missing: the save was "
+                                   f"interrupted); compute them again")
+        raise FileNotFoundError(f"{folder} holds no latent statistics ({MARKER} missing)")
+    try:
+        record = json.loads(marker.read_text())
+    except (OSError, ValueError) as e:
+        raise LatentStatsError(f"{marker} is unreadable ({e}); compute the statistics again") from e
+    if not isinstance(record, dict) or record.get("format") != STATS_FORMAT or not isinstance(record.get("parts"),
+                                                                                              dict):
+        raise LatentStatsError(f"{marker} is no commit record of format {STATS_FORMAT!r} version {STATS_VERSION} "
+                               f"(written by an older revelio-nb, or damaged); compute the statistics again")
+    if record.get("version") != STATS_VERSION:
+        raise LatentStatsError(f"{marker}: version {record.get('version')!r}, this revelio-nb reads "
+                               f"{STATS_VERSION}; compute the statistics again")
+    parts = record["parts"]
+    need = [p for p in ("latents.csv", "top.npz") if p not in parts]
+    if need or set(parts) - set(_PARTS):
+        raise LatentStatsError(f"{marker} lists the parts {sorted(parts)}; expected latents.csv, top.npz "
+                               f"(and maps.npy)")
+    for name, want in parts.items():
+        path = folder / name
+        if not path.is_file():
+            raise LatentStatsError(f"latent statistics in {folder}: part {name} is missing")
+        size = path.stat().st_size
+        if size != want.get("bytes"):
+            raise LatentStatsError(f"latent statistics in {folder}: part {name} has {size} bytes, the commit record "
+                                   f"says {want.get('bytes')} (truncated or replaced); compute them again")
+        if verify and _sha256(path) != want.get("sha256"):
+            raise LatentStatsError(f"latent statistics in {folder}: part {name} does not match its SHA-256 in "
+                                   f"{MARKER} (damaged); compute them again")
+    return record
+
+
+def is_committed(folder: str | os.PathLike, verify: bool = True) -> bool:
+    """Whether ``folder`` holds complete, committed latent statistics (the "already computed?" check)."""
+    try:
+        check_committed(folder, verify=verify)
+        return True
+    except (FileNotFoundError, LatentStatsError):
+        return False
+
+
+def load_or_compute(folder: str | os.PathLike, compute) -> LatentStats:
+    """The committed statistics in ``folder``; when there are none (or they are uncommitted / damaged),
+    ``compute()`` them, save (commit) them there and return them."""
+    try:
+        return LatentStats.load(folder)
+    except (FileNotFoundError, LatentStatsError):
+        stats = compute()
+        stats.save(folder)
+        return stats
 
 
 # ------------------------------------------------------------------------------------------------ helpers

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -38,6 +38,9 @@ B_DEC_INITS = ("median", "mean", "zeros")
 # sparsify's SparseCoderConfig fields we write so that its loader accepts the folder.
 _SPARSIFY_KEYS = ("activation", "expansion_factor", "normalize_decoder", "num_latents", "k", "multi_topk",
                   "skip_connection", "transcode")
+# cfg.json ``layout_version`` of the folders save() writes (1: scale folded into W_enc / W_dec; 2: raw-space
+# weights that keep sparsify's invariants, see SparseAutoencoder.save).
+SAE_LAYOUT_VERSION = 2
 # On CPU the encoder GEMM + top-k run on row chunks of about this many pre-activations (fits in L3).
 CPU_CHUNK_ELEMS = 1 << 23
 
@@ -390,25 +393,31 @@ class SparseAutoencoder(nn.Module):
 
     # ---------------------------------------------------------------------------------------- save / load
     def config_dict(self) -> dict[str, Any]:
-        """Contents of ``cfg.json``: sparsify's keys plus ours."""
+        """Contents of ``cfg.json``: sparsify's keys plus ours (``layout_version``: see :meth:`save`)."""
         c = asdict(self.cfg)
         out = {key: c.get(key, False) for key in _SPARSIFY_KEYS}
         out.update(d_in=self.d_in, num_latents=self.num_latents, k=self.k)
         out.update({key: c[key] for key in ("normalize_input", "b_dec_init", "tokens", "hookpoint", "timestep",
                                             "model_id")})
-        out.update(input_scale=self.input_scale, scale_folded_into_weights=True, grid=self.grid,
-                   format="sparsify", saved_by="revelio_nb.sae")
+        out.update(input_scale=self.input_scale, layout_version=SAE_LAYOUT_VERSION, weights_act_on="raw features",
+                   raw_code_scale=self.input_scale, grid=self.grid, format="sparsify", saved_by="revelio_nb.sae")
         return out
 
     def save(self, folder: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
-        """Write ``cfg.json`` and ``sae.safetensors`` (sparsify layout, weights act on raw features)."""
+        """Write ``cfg.json`` and ``sae.safetensors`` in sparsify's layout, acting on raw features.
+
+        With s = ``input_scale``, z = TopK(ReLU(W_enc (x/s - b) + b_enc)) and x_hat = s (W_dec^T z + b). TopK commutes
+        with a positive scale, so the raw-space weights are ``encoder.weight`` = W_enc, ``encoder.bias`` = s b_enc,
+        ``W_dec`` = W_dec (unit rows when ``normalize_decoder``), ``b_dec`` = s b: sparsify's forward on raw x gives
+        the same x_hat, with the code s z (``raw_code_scale`` in ``cfg.json``). s is a power of two, so this is exact.
+        """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        s = float(self.input_scale)  # power of two: folding is exact
+        s = float(self.input_scale)
         tensors = {
-            "encoder.weight": self.encoder.weight.detach() / s,
-            "encoder.bias": self.encoder.bias.detach(),
-            "W_dec": self.W_dec.detach() * s,
+            "encoder.weight": self.encoder.weight.detach(),
+            "encoder.bias": self.encoder.bias.detach() * s,
+            "W_dec": self.W_dec.detach(),
             "b_dec": self.b_dec.detach() * s,
         }
         tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
@@ -420,7 +429,13 @@ class SparseAutoencoder(nn.Module):
     @classmethod
     def load(cls, folder: str | os.PathLike, d_in: int | None = None,
              device: str | torch.device = "cpu") -> "SparseAutoencoder":
-        """Load a sparsify-layout folder; ``d_in`` (the features' width) must match if given."""
+        """Load a sparsify-layout folder; ``d_in`` (the features' width) must match if given.
+
+        Reads our current layout (``layout_version`` 2, see :meth:`save`), our earlier one (``layout_version``
+        absent, ``scale_folded_into_weights: true``: the scale was folded into ``W_enc`` and ``W_dec``) and plain
+        sparsify folders (no scale). The model returned works in normalised space with ``input_scale`` set, so its
+        code is the one it was trained with.
+        """
         folder = Path(folder)
         cfg_path, st_path = folder / "cfg.json", folder / "sae.safetensors"
         if not cfg_path.is_file() or not st_path.is_file():
@@ -428,6 +443,10 @@ class SparseAutoencoder(nn.Module):
         raw = json.loads(cfg_path.read_text())
         if d_in is not None and int(raw["d_in"]) != int(d_in):
             raise SaeError(f"SAE in {folder} has d_in={raw['d_in']} but the features have width {d_in}")
+        version = raw.get("layout_version", 1)
+        if version not in (1, SAE_LAYOUT_VERSION):
+            raise SaeError(f"{cfg_path}: layout_version={version!r} is not one this version reads "
+                           f"(1 or {SAE_LAYOUT_VERSION}); update revelio-nb")
         names = {f.name for f in fields(SaeConfig)}
         cfg = SaeConfig(**{k: v for k, v in raw.items() if k in names})
         tensors = load_file(str(st_path), device="cpu")
@@ -438,11 +457,16 @@ class SparseAutoencoder(nn.Module):
             if key not in tensors or tuple(tensors[key].shape) != shape:
                 got = tuple(tensors[key].shape) if key in tensors else "missing"
                 raise SaeError(f"{st_path}: {key} has shape {got}, expected {shape}")
-        s = float(raw.get("input_scale", 1.0)) if raw.get("scale_folded_into_weights", False) else 1.0
+        if version == SAE_LAYOUT_VERSION:
+            s = float(raw.get("input_scale", 1.0))
+            w_enc, b_enc, w_dec = tensors["encoder.weight"], tensors["encoder.bias"] / s, tensors["W_dec"]
+        else:  # layout 1: scale folded into W_enc (/s) and W_dec (*s); plain sparsify: s = 1
+            s = float(raw.get("input_scale", 1.0)) if raw.get("scale_folded_into_weights", False) else 1.0
+            w_enc, b_enc, w_dec = tensors["encoder.weight"] * s, tensors["encoder.bias"], tensors["W_dec"] / s
         with torch.no_grad():
-            model.encoder.weight.copy_(tensors["encoder.weight"] * s)
-            model.encoder.bias.copy_(tensors["encoder.bias"])
-            model.W_dec.copy_(tensors["W_dec"] / s)
+            model.encoder.weight.copy_(w_enc)
+            model.encoder.bias.copy_(b_enc)
+            model.W_dec.copy_(w_dec)
             model.b_dec.copy_(tensors["b_dec"] / s)
         model.input_scale = s
         model.grid = tuple(raw["grid"]) if raw.get("grid") else None
@@ -453,6 +477,15 @@ def checkpoint_metadata(folder: str | os.PathLike) -> dict[str, str]:
     """String metadata stored in ``sae.safetensors`` (e.g. the training step)."""
     with safe_open(str(Path(folder) / "sae.safetensors"), framework="pt") as f:
         return dict(f.metadata() or {})
+
+
+def _view_is_current(folder: Path, step: int) -> bool:
+    """Whether the sparsify view (``sae.safetensors`` + ``cfg.json``) holds ``step`` in the current layout."""
+    try:
+        return (checkpoint_metadata(folder).get("step") == str(step)
+                and json.loads((folder / "cfg.json").read_text()).get("layout_version") == SAE_LAYOUT_VERSION)
+    except (OSError, ValueError, SafetensorError):
+        return False
 
 
 # ------------------------------------------------------------------------------------------ data source
@@ -736,9 +769,9 @@ def train_sae(source, cfg: TrainConfig, out_dir: str | os.PathLike, *, stop_afte
         model.load_state_dict({k: v.to(device) for k, v in resume_params.items()})
         model.input_scale = float(meta["input_scale"])
         model.grid = source.grid if source.spatial else None
-        if checkpoint_metadata(out_dir).get("step") != str(step) or not state_path.is_file() \
+        if not _view_is_current(out_dir, step) or not state_path.is_file() \
                 or json.loads(state_path.read_text()).get("step") != step:
-            model.save(out_dir, metadata={"step": str(step)})  # repair the view after an interrupted save
+            model.save(out_dir, metadata={"step": str(step)})  # repair the view (interrupted save, older layout)
             atomic_write_json(state_path, state)
     elif init is not None:
         step = 0

@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from . import artifacts
+from .paths import atomic_path
 
 HOOKPOINTS_FILE = Path("sae") / "hookpoints.csv"
 REQUIRED_COLUMNS = ("hookpoint", "model", "block", "t", "pooling", "sae_dir", "latents_dir", "store_dir", "dataset",
@@ -63,23 +64,56 @@ def hookpoints_path(run_dir: str | os.PathLike) -> Path:
 
 
 def _resolve(value: Any, bases: Sequence[Path]) -> str:
-    """Absolute path of a path cell: relative ones are tried against each base (first existing wins)."""
+    """Absolute path of a path cell, symlinks resolved: relative ones are tried against each base (first existing
+    wins)."""
     if value is None or (isinstance(value, float) and np.isnan(value)) or str(value).strip() == "":
         return ""
     p = Path(str(value)).expanduser()
     if p.is_absolute():
-        return str(p)
+        return str(p.resolve())
     for base in bases:
         if (base / p).exists():
             return str((base / p).resolve())
     return str((bases[0] / p).resolve())
 
 
-def read_hookpoints(run_dir: str | os.PathLike) -> pd.DataFrame:
+def allowed_roots(run_dir: str | os.PathLike | None, extra_roots: Sequence[str | os.PathLike] = ()) -> list[Path]:
+    """Folders the browser may read and write through a run index: the run folder, the cache folder
+    (:func:`revelio_nb.paths.cache_dir`) and any ``extra_roots`` (all with symlinks resolved)."""
+    from .paths import cache_dir
+
+    roots = ([Path(run_dir).resolve()] if run_dir is not None else []) + [cache_dir().resolve()]
+    return roots + [Path(r).expanduser().resolve() for r in extra_roots]
+
+
+def _inside(path: str | os.PathLike, roots: Sequence[Path]) -> bool:
+    p = Path(path).resolve()
+    return any(p == r or r in p.parents for r in roots)
+
+
+def check_row_paths(row: dict, roots: Sequence[Path], where: str = "", raw: dict | None = None) -> None:
+    """:class:`BrowserError` unless every path column of ``row`` resolves (after symlinks) inside ``roots``
+    (``raw``: the cells as written, for the message)."""
+    for col in _PATH_COLUMNS:
+        value = row.get(col)
+        if value is None or (isinstance(value, float) and np.isnan(value)) or str(value).strip() == "":
+            continue
+        if not _inside(str(value), roots):
+            shown = (raw or row).get(col, value)
+            raise BrowserError(
+                f"{where}hookpoint {str(row.get('hookpoint'))!r}: column {col!r} = {str(shown)!r} resolves to "
+                f"{Path(str(value)).resolve()}, outside the folders the browser may use: {[str(r) for r in roots]} "
+                f"(the run folder and the cache folder; pass extra_roots=[...] to allow another folder)")
+
+
+def read_hookpoints(run_dir: str | os.PathLike, extra_roots: Sequence[str | os.PathLike] = ()) -> pd.DataFrame:
     """Validated ``<run_dir>/sae/hookpoints.csv``: one row per SAE, paths made absolute.
 
-    Relative paths are taken relative to the CSV's folder, else to ``run_dir``. Raises ``FileNotFoundError`` when
-    the file is missing and :class:`BrowserError` (naming the bad rows / columns / values) when it is malformed.
+    Relative paths are taken relative to the CSV's folder, else to ``run_dir``. Every path column (``sae_dir``,
+    ``latents_dir``, ``store_dir``, ``embedding_store_dir``) must resolve, after symlinks, inside the run folder,
+    the cache folder or one of ``extra_roots``: a crafted index cannot make the browser read or write elsewhere.
+    Raises ``FileNotFoundError`` when the file is missing and :class:`BrowserError` (naming the bad rows / columns /
+    values) when it is malformed.
     """
     path = hookpoints_path(run_dir)
     if not path.is_file():
@@ -113,8 +147,12 @@ def read_hookpoints(run_dir: str | os.PathLike) -> pd.DataFrame:
     if "embedding_store_dir" not in table.columns:
         table["embedding_store_dir"] = ""
     bases = [path.parent.resolve(), Path(run_dir).resolve()]
+    raw = table[list(_PATH_COLUMNS)].to_dict("records")
     for col in _PATH_COLUMNS:
         table[col] = [_resolve(v, bases) for v in table[col]]
+    roots = allowed_roots(run_dir, extra_roots)
+    for i, row in enumerate(table.to_dict("records")):
+        check_row_paths(row, roots, where=f"{path}: row {i}, ", raw=raw[i])
     return table.reset_index(drop=True)
 
 
@@ -208,9 +246,12 @@ def _pooled_features(row: dict, store, progress: bool = False) -> tuple[np.ndarr
 
 
 def _cache_file(folder: Path, name: str, key: str, build):
-    """Load ``folder/name`` (npz) when its stored key matches, else build, save (best effort) and return it."""
-    path = folder / name
-    if path.is_file():
+    """Load ``folder/name`` (npz) when its stored key matches, else build, save (best effort) and return it.
+
+    Never through a symlink: a cache file that is a link is neither read nor followed (the rename replaces the link
+    itself), and the temporary file is created exclusively (``O_EXCL | O_NOFOLLOW``) under a unique name."""
+    path = Path(folder) / name
+    if path.is_file() and not path.is_symlink():
         try:
             with np.load(path, allow_pickle=False) as z:
                 if str(z["key"]) == key:
@@ -219,9 +260,10 @@ def _cache_file(folder: Path, name: str, key: str, build):
             pass
     arrays = build()
     try:
-        tmp = path.with_name(f".{name}.tmp{os.getpid()}.npz")
-        np.savez(tmp, key=np.array(key), **arrays)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, key=np.array(key), **arrays)
     except OSError:
         pass  # read-only results: keep it in memory only
     return arrays
@@ -380,19 +422,25 @@ def _dataset(name: str):
 
 
 def load_hookpoint(row: dict | pd.Series, embedding: str = "pca", seed: int = 0, firing: bool = True,
-                   progress: bool = False) -> HookpointData:
-    """Load one hookpoint's statistics, dataset images, 2-D embedding and firing index (cached after the first time)."""
-    from .latents import LatentStats
+                   progress: bool = False, roots: Sequence[Path] | None = None) -> HookpointData:
+    """Load one hookpoint's statistics, dataset images, 2-D embedding and firing index (cached after the first time).
+
+    ``roots``: when given (see :func:`allowed_roots`), the row's folders must lie inside them (:func:`read_hookpoints`
+    already checks the rows it returns). The row's ``dataset`` must be the one its store was extracted from.
+    """
+    from .latents import LatentStats, LatentStatsError
 
     row = dict(row)
     label = str(row["hookpoint"])
+    if roots is not None:
+        check_row_paths(row, roots)
     lat_dir = Path(row["latents_dir"])
-    if not (lat_dir / "latents.csv").is_file():
-        raise FileNotFoundError(f"hookpoint {label!r}: no latent statistics in {lat_dir} (latents.csv missing)")
     try:
         stats = LatentStats.load(lat_dir)
-    except (OSError, ValueError, KeyError, pd.errors.EmptyDataError) as e:
-        raise BrowserError(f"hookpoint {label!r}: latent statistics in {lat_dir} are unreadable: {e}") from e
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"hookpoint {label!r}: no latent statistics in {lat_dir} (run notebook 02)") from e
+    except (LatentStatsError, OSError, ValueError, KeyError) as e:
+        raise BrowserError(f"hookpoint {label!r}: latent statistics in {lat_dir} are unusable: {e}") from e
     table = latent_table(stats)
     if len(table) == 0 or stats.num_latents == 0:
         raise BrowserError(f"hookpoint {label!r}: the latent table in {lat_dir} is empty (0 latents)")
@@ -400,6 +448,13 @@ def load_hookpoint(row: dict | pd.Series, embedding: str = "pca", seed: int = 0,
         raise BrowserError(f"hookpoint {label!r}: latents.csv has {len(table)} rows but top.npz has "
                            f"{stats.num_latents} latents ({lat_dir})")
     store = _open_store(row["store_dir"])
+    # the images shown must be those the store was extracted from; this also keeps a crafted index from making
+    # the browser read (and the static page embed) an arbitrary image folder
+    extracted_from = [v for v in (store.manifest.get("dataset"), (store.manifest.get("config") or {}).get("dataset"))
+                      if isinstance(v, str)]
+    if extracted_from and str(row["dataset"]) not in extracted_from:
+        raise BrowserError(f"hookpoint {label!r}: dataset {str(row['dataset'])!r} is not the one its store "
+                           f"{row['store_dir']} was extracted from ({extracted_from[0]!r})")
     ds = _dataset(str(row["dataset"]))
     names = list(stats.meta.get("class_names") or store.class_names or ds.class_names)
     notes: list[str] = []
@@ -620,7 +675,8 @@ def bars_html(view: LatentView, max_rows: int = 12) -> str:
 class LatentBrowser:
     """ipywidgets browser over the SAE latents of a run (see the module docstring). Display it as the cell's value.
 
-    ``run_dir``: reads ``<run_dir>/sae/hookpoints.csv``; or pass ``hookpoints`` (a validated DataFrame).
+    ``run_dir``: reads ``<run_dir>/sae/hookpoints.csv``; or pass ``hookpoints`` (a validated DataFrame). The index's
+    folders must lie in the run folder, the cache folder or ``extra_roots`` (:func:`read_hookpoints`).
     ``hookpoint``: label or row number to start with (None: the first). Problems with the index or a hookpoint's
     tables are shown as a message in the widget (``.message``), never raised, except a bad ``hookpoint`` / ``sort``
     / ``embedding`` argument.
@@ -629,7 +685,8 @@ class LatentBrowser:
     def __init__(self, run_dir: str | os.PathLike | None = None, *, hookpoints: pd.DataFrame | None = None,
                  hookpoint: str | int | None = None, top_n: int = 16, sort: str = "frequency",
                  hide_dead: bool = True, heatmap: bool = True, embedding: str = "pca", thumb_px: int = 64,
-                 columns: int = 8, seed: int = 0, firing: bool = True, progress: bool = True):
+                 columns: int = 8, seed: int = 0, firing: bool = True, progress: bool = True,
+                 extra_roots: Sequence[str | os.PathLike] = ()):
         import ipywidgets as W
 
         if sort not in SORTS:
@@ -649,12 +706,13 @@ class LatentBrowser:
         self.view: LatentView | None = None
 
         index_error = ""
+        self._roots = allowed_roots(run_dir, extra_roots) if run_dir is not None else None
         self.hookpoints = hookpoints
         if self.hookpoints is None:
             if run_dir is None:
                 raise BrowserError("pass run_dir (a run folder holding sae/hookpoints.csv) or hookpoints")
             try:
-                self.hookpoints = read_hookpoints(run_dir)
+                self.hookpoints = read_hookpoints(run_dir, extra_roots)
             except (FileNotFoundError, BrowserError) as e:
                 self.hookpoints, index_error = None, str(e)
         labels = [] if self.hookpoints is None else list(self.hookpoints["hookpoint"])
@@ -839,7 +897,7 @@ class LatentBrowser:
             row["hookpoint"] = label
             try:
                 self._data[label] = load_hookpoint(row, self.embedding, self.seed, firing=self._firing,
-                                                   progress=self._progress)
+                                                   progress=self._progress, roots=self._roots)
                 self._renderers[label] = Renderer(self._data[label], self.thumb_px)
             except (FileNotFoundError, BrowserError, ValueError, KeyError, OSError) as e:
                 self._errors[label] = f"cannot show hookpoint {label!r}: {e}"
@@ -959,7 +1017,7 @@ def demo_run(run_dir: str | os.PathLike, *, dataset: str = "animal-mnist", split
     import torch
 
     from .features import ExtractionConfig, extract_features
-    from .latents import latent_stats
+    from .latents import latent_stats, load_or_compute
     from .sae import SaeConfig, TrainConfig, train_sae
 
     import json
@@ -977,7 +1035,7 @@ def demo_run(run_dir: str | os.PathLike, *, dataset: str = "animal-mnist", split
     def store(pooling, bl):
         cfg = ExtractionConfig(model=str(model_dir), dataset=dataset, split=split, blocks=list(bl), timesteps=[t],
                                pooling=pooling, max_images=max_images, seed=seed, device="cpu")
-        return extract_features(cfg, out_dir=work / f"features-{pooling}")
+        return extract_features(cfg, out_dir=work / f"features-{pooling}", progress=progress)
 
     pooled = store("mean", blocks)
     jobs = [(b, "mean", pooled) for b in blocks]
@@ -994,10 +1052,8 @@ def demo_run(run_dir: str | os.PathLike, *, dataset: str = "animal-mnist", split
         torch.manual_seed(seed)
         sae = train_sae(arr, cfg, run_dir / "sae" / name / "sae", progress=progress)
         lat_dir = run_dir / "sae" / name / "latents"
-        if not (lat_dir / "latents.csv").is_file():
-            stats = latent_stats(sae, arr, st.labels, top_n=top_n, image_index=st.indices,
-                                 class_names=st.class_names, progress=progress)
-            stats.save(lat_dir)
+        load_or_compute(lat_dir, lambda: latent_stats(sae, arr, st.labels, top_n=top_n, image_index=st.indices,
+                                                      class_names=st.class_names, progress=progress))
         rows.append({"hookpoint": f"demo-tiny-unet · {block} · t={t}" + (" · spatial" if pooling == "none" else ""),
                      "model": "demo-tiny-unet", "block": block, "t": t, "pooling": pooling,
                      "sae_dir": str(run_dir / "sae" / name / "sae"), "latents_dir": str(lat_dir),
