@@ -35,6 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from .optional import require
 from .paths import config_hash
 
 HOOKPOINTS_FILE = Path("sae") / "hookpoints.csv"
@@ -634,7 +635,7 @@ class LatentBrowser:
                  hookpoint: str | int | None = None, top_n: int = 16, sort: str = "frequency",
                  hide_dead: bool = True, heatmap: bool = True, embedding: str = "pca", thumb_px: int = 64,
                  columns: int = 8, seed: int = 0, firing: bool = True, progress: bool = True):
-        import ipywidgets as W
+        W = require("ipywidgets")  # a kernel without it: one line naming the install command
 
         if sort not in SORTS:
             raise BrowserError(f"unknown sort {sort!r}; choices: {list(SORTS)}")
