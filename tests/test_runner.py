@@ -86,9 +86,11 @@ def test_progress_printer_condenses_bars():
     p.feed("stderr", "\n")
     p.feed("stdout", "saved model\n")
     p.feed("stderr", "\rsample:  50%|#| 1/2\r" + " " * 40 + "\r")  # a leave=False bar: cleared at the end
+    p.feed("stderr", "\n\rinner:   0%|  | 0/3\x1b[A\n" + " " * 30 + "\x1b[A\r")  # a nested bar: cursor moves
     p.close()
     lines = out.getvalue().splitlines()
-    assert "\r" not in out.getvalue() and all(line.startswith("> ") for line in lines)
+    assert "\r" not in out.getvalue() and "\x1b" not in out.getvalue() and all(line.startswith("> ") for line in lines)
+    assert all(line[2:].strip() for line in lines)  # no blank lines
     bars = [line for line in lines if line.startswith("> train unet")]
     assert bars[0].startswith("> train unet:   0%") and bars[-1].startswith("> train unet: 100%")
     assert 5 <= len(bars) <= 8  # start, every 10 s of a 50 s bar, end: not 101 lines

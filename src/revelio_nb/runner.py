@@ -55,6 +55,7 @@ import yaml
 from .paths import atomic_write_json, atomic_write_text, config_hash, project_root, results_dir
 
 NOTEBOOK_PATTERN = re.compile(r"^(\d\d)_[\w-]+\.ipynb$")
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # cursor moves of nested tqdm bars, colours
 STATE_DIR = ".runner"  # results/<run>/.runner/<notebook>.json: the completion markers
 
 
@@ -183,7 +184,8 @@ class ProgressPrinter:
 
     ``feed(stream_name, text)`` takes text as it arrives. Lines ended by ``\\n`` are printed (prefixed); the
     ``\\r``-separated updates of a progress bar are printed when a new bar starts and then at most every
-    ``interval`` seconds; blank clears (a closing ``leave=False`` bar) are dropped. Nothing printed holds ``\\r``.
+    ``interval`` seconds; blank clears (a closing ``leave=False`` bar) and terminal escape sequences (nested bars'
+    cursor moves) are dropped. Nothing printed holds ``\\r``.
     """
 
     def __init__(self, out: TextIO, prefix: str = "    ", interval: float = 30.0, width: int = 150,
@@ -220,6 +222,7 @@ class ProgressPrinter:
             self.last_bar_name, self.last_bar_print = name, now
 
     def feed(self, stream: str, text: str) -> None:
+        text = ANSI_ESCAPE.sub("", text)
         pending = self.pending.get(stream, "")
         for piece in re.split(r"(\r\n|\r|\n)", text):
             if piece in ("\n", "\r\n"):
