@@ -7,11 +7,13 @@ VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 RUN    ?= default
 PYTEST_ARGS ?=
+# extra runner arguments, e.g. ARGS="--force" (rerun up-to-date notebooks) or ARGS="--only 01 -p max_images=500"
+ARGS   ?=
 
 .PHONY: help venv test smoke reproduce readme-results lab bench browser-deps clean clean-cache
 
 help:
-	@echo "make reproduce   run every notebook (papermill) into results/$(RUN)/"
+	@echo "make reproduce   run every notebook (papermill) into results/$(RUN)/ (up-to-date ones are skipped; ARGS=--force reruns)"
 	@echo "make readme-results  copy results/$(RUN)/ tables into README.md's results section"
 	@echo "make smoke       the same notebooks with tiny parameters into results/smoke/"
 	@echo "make test        the test suite"
@@ -33,10 +35,10 @@ test: venv
 	$(VPY) -m pytest -q -ra $(PYTEST_ARGS)
 
 smoke: venv
-	$(VPY) -m revelio_nb.runner --run smoke --profile smoke
+	$(VPY) -m revelio_nb.runner --run smoke --profile smoke $(ARGS)
 
 reproduce: venv
-	$(VPY) -m revelio_nb.runner --run $(RUN)
+	$(VPY) -m revelio_nb.runner --run $(RUN) $(ARGS)
 
 readme-results: venv
 	$(VPY) -m revelio_nb.report --run $(RUN) --readme README.md

@@ -10,3 +10,10 @@ Modules, one idea each:
 """
 
 __version__ = "0.1.0"
+
+import os as _os
+
+if _os.environ.get("REVELIO_PROGRESS") == "text":  # set by the runner for its headless kernels: text progress bars
+    from .runner import use_text_progress as _use_text_progress
+
+    _use_text_progress()

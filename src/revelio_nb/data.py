@@ -20,10 +20,14 @@ import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 EMBEDDED_DATASETS = ("animal-mnist", "digits")
 ANIMAL_CLASSES = ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"]
@@ -107,16 +111,21 @@ class ImageDataset:
 
         Images smaller than ``size`` are zero-padded (black border, e.g. 28 -> 32 as in MNIST diffusion work);
         larger ones are resized (bilinear, antialiased) after a centre square crop.
+        ``channels`` (the model's): grayscale images are repeated to RGB, RGB images averaged to grayscale, each
+        with a :class:`DatasetWarning` note; any other pair is a :class:`DatasetError`.
         """
+        if channels is not None and channels not in (1, 3):
+            raise DatasetError(f"cannot feed images of dataset {self.name!r} to a model taking {channels} image "
+                               "channels: only 1 (grayscale) and 3 (RGB) are supported")
         x = torch.from_numpy(np.ascontiguousarray(self.images[np.asarray(indices)])).permute(0, 3, 1, 2).float()
         x = x / 127.5 - 1.0
         if channels is not None and channels != x.shape[1]:
-            if channels == 3 and x.shape[1] == 1:
-                x = x.expand(-1, 3, -1, -1)
-            elif channels == 1 and x.shape[1] == 3:
-                x = x.mean(1, keepdim=True)
-            else:
-                raise DatasetError(f"cannot convert {x.shape[1]}-channel images to {channels} channels")
+            import warnings
+
+            how = "repeated to 3 channels" if channels == 3 else "averaged to 1 channel"
+            warnings.warn(f"dataset {self.name!r} has {x.shape[1]}-channel images and the model takes {channels}: "
+                          f"images {how}", DatasetWarning, stacklevel=2)
+            x = x.expand(-1, 3, -1, -1) if channels == 3 else x.mean(1, keepdim=True)
         return resize_square(x, size) if size is not None else x
 
     def subset_classes(self, classes: list[int], name: str | None = None) -> "ImageDataset":
@@ -232,33 +241,236 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
     return images, d.target.astype(np.int64), [str(i) for i in range(10)]
 
 
-def _load_image_folder(folder: Path, max_per_class: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+FOLDER_MAX_IMAGE_SIZE = 512  # default stored size of a folder's images: the most common shorter side, at most this
+DEFAULT_BACKGROUND = (255, 255, 255)  # transparent pixels (RGBA, LA, palette with transparency) composited on white
+SYSTEM_FILES = {"thumbs.db", "desktop.ini", "__macosx"}  # besides hidden names (".DS_Store", "._x.png", ".git/")
+
+
+class DatasetWarning(UserWarning):
+    """A dataset was loaded, but some files were skipped or converted (the message lists them)."""
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".") or name.lower() in SYSTEM_FILES
+
+
+def _decode_image(path: Path, background: tuple[int, int, int]) -> tuple["Image.Image", list[str]]:
+    """Open one image fully (a truncated file fails here, not later) as mode ``L`` or ``RGB``.
+
+    Returns the image and notes on lossy conversions: transparency composited on ``background``, 16-bit or
+    float pixels rescaled to 0..255 (by the full 16-bit range; float images in [0, 1] by 255, other float
+    ranges by their min and max), never clipped. EXIF orientation is applied (phone photos stand upright).
+    """
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as opened:
+        opened.load()
+        return _to_l_or_rgb(ImageOps.exif_transpose(opened), background)
+
+
+def _to_l_or_rgb(img: "Image.Image", background: tuple[int, int, int]) -> tuple["Image.Image", list[str]]:
+    """Any PIL mode as ``L`` or ``RGB``, with notes on lossy conversions (see :func:`_decode_image`)."""
     from PIL import Image
 
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise DatasetError(f"image folder {folder} has no class sub-folders (expected <folder>/<class>/<image>)")
-    images, labels, size = [], [], None
-    for c, cname in enumerate(classes):
-        files = sorted(p for p in (folder / cname).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        for p in files[:max_per_class]:
-            img = Image.open(p).convert("RGB")
-            if size is None:
-                size = img.size
-            if img.size != size:
-                img = img.resize(size)
-            images.append(np.asarray(img, dtype=np.uint8))
-            labels.append(c)
-    if not images:
-        raise DatasetError(f"image folder {folder} has class folders {classes} but no images ({sorted(IMAGE_SUFFIXES)})")
-    return np.stack(images), np.array(labels, dtype=np.int64), classes
+    notes: list[str] = []
+    mode = img.mode
+    if mode.startswith("I") or mode == "F":  # 16/32-bit integer or float pixels: rescale, never clip
+        a = np.asarray(img).astype(np.float64)
+        if mode == "F":
+            lo, hi = (0.0, 1.0) if a.min() >= 0 and a.max() <= 1 else (float(a.min()), float(a.max()))
+        else:
+            lo, hi = (0.0, 65535.0) if a.min() >= 0 and a.max() <= 65535 else (float(a.min()), float(a.max()))
+        a = (a - lo) / max(hi - lo, 1e-12) * 255.0
+        notes.append(f"{mode} pixels rescaled to 8 bits")
+        return Image.fromarray(np.clip(a.round(), 0, 255).astype(np.uint8), mode="L"), notes
+    if mode == "P":
+        mode = "RGBA" if "transparency" in img.info else "RGB"
+        img = img.convert(mode)
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        if rgba.getextrema()[3][0] < 255:  # some pixel is not opaque
+            notes.append(f"transparency composited on RGB{background}")
+        canvas = Image.new("RGBA", rgba.size, tuple(background) + (255,))
+        img = Image.alpha_composite(canvas, rgba).convert("L" if mode in ("LA", "La") else "RGB")
+        return img, notes
+    if mode in ("L", "RGB"):
+        return img, notes
+    return img.convert("L" if mode == "1" else "RGB"), notes  # 1-bit, CMYK, YCbCr, LAB, HSV ...
 
 
-def _load_hf(name: str, image_column: str | None, label_column: str | None, max_images: int | None):
-    try:
-        import datasets
-    except ImportError as e:  # pragma: no cover - datasets is in requirements.txt
-        raise DatasetError("Hugging Face datasets need `pip install datasets`") from e
+def _resize_shorter_side_crop(img: "Image.Image", size: int) -> "Image.Image":
+    """Resize so the shorter side is ``size`` (bilinear, antialiased), then centre-crop ``size`` x ``size``: the
+    published diffusion pipelines' ``Resize(size)`` + ``CenterCrop(size)``. Aspect ratio is kept, never stretched."""
+    from PIL import Image
+
+    w, h = img.size
+    if (w, h) == (size, size):
+        return img
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.BILINEAR)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def _common_shorter_side(sides: list[int], cap: int = FOLDER_MAX_IMAGE_SIZE) -> int:
+    values, counts = np.unique(np.asarray(sides), return_counts=True)
+    return int(min(values[np.argmax(counts)], cap))  # ties: the smaller side (np.unique sorts)
+
+
+def _images_to_array(decoded: list["Image.Image"], image_size: int | None) -> tuple[np.ndarray, int, list[str]]:
+    """Stack decoded L/RGB images at one size (shorter side + centre crop); any RGB makes every image RGB."""
+    size = image_size if image_size is not None else _common_shorter_side([min(im.size) for im in decoded])
+    rgb = any(im.mode == "RGB" for im in decoded)
+    notes = []
+    n_resized = sum(im.size != (size, size) for im in decoded)
+    if n_resized:
+        notes.append(f"{n_resized} image(s) resized (shorter side) and centre-cropped to {size}x{size}")
+    n_gray = sum(im.mode == "L" for im in decoded)
+    if rgb and n_gray:
+        notes.append(f"{n_gray} grayscale image(s) stored as RGB (the other images are in colour)")
+    out = np.empty((len(decoded), size, size, 3 if rgb else 1), dtype=np.uint8)
+    for i, im in enumerate(decoded):
+        im = _resize_shorter_side_crop(im, size)
+        out[i] = np.asarray(im.convert("RGB") if rgb else im).reshape(size, size, -1)
+    return out, size, notes
+
+
+def _load_image_folder(
+    folder: Path,
+    max_per_class: int | None = None,
+    image_size: int | None = None,
+    background: tuple[int, int, int] = DEFAULT_BACKGROUND,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """A folder as users have it: ``<folder>/<class>/<image>`` (images may sit in nested sub-folders of a class).
+
+    Skipped, and listed in ONE :class:`DatasetWarning`: hidden files and folders (``.DS_Store``, ``._x.png``,
+    ``.ipynb_checkpoints/``), ``Thumbs.db``/``desktop.ini``/``__MACOSX``, stray files at the root, files without
+    an image suffix, unreadable or truncated images, class folders left without images. Nothing usable is a
+    :class:`DatasetError`. Images are stored as uint8 at ``image_size`` x ``image_size`` (default: the most
+    common shorter side, at most :data:`FOLDER_MAX_IMAGE_SIZE`; pass the model's size, e.g. 512 for SD 1.5),
+    each resized by its shorter side and centre-cropped (:func:`_resize_shorter_side_crop`); one channel when
+    every image is grayscale, else RGB. Transparency is composited on ``background`` and 16-bit images
+    rescaled (:func:`_decode_image`); the same warning notes these conversions.
+    """
+    from tqdm.auto import tqdm
+
+    skipped: dict[str, list[str]] = {}
+
+    def skip(reason: str, path: Path, detail: str = "") -> None:
+        skipped.setdefault(reason, []).append(str(path.relative_to(folder)) + detail)
+
+    class_dirs = []
+    for p in sorted(folder.iterdir()):
+        if _is_hidden(p.name):
+            skip("hidden or system entries", p)
+        elif p.is_dir():
+            class_dirs.append(p)
+        else:
+            skip("stray files at the root (not in a class folder)", p)
+    if not class_dirs:
+        raise DatasetError(f"image folder {folder} has no class sub-folders (expected <folder>/<class>/<image>)"
+                           + _skipped_text(skipped))
+    files_of: dict[str, list[Path]] = {}
+    for d in class_dirs:
+        files = []
+        for root, dirs, names in os.walk(d):
+            root_path = Path(root)
+            for sub in sorted(dirs):
+                if _is_hidden(sub):
+                    skip("hidden or system entries", root_path / sub)
+            dirs[:] = sorted(x for x in dirs if not _is_hidden(x))
+            for name in sorted(names):
+                path = root_path / name
+                if _is_hidden(name):
+                    skip("hidden or system entries", path)
+                elif path.suffix.lower() not in IMAGE_SUFFIXES:
+                    skip("files without an image suffix", path)
+                else:
+                    files.append(path)
+        files_of[d.name] = files[:max_per_class] if max_per_class else files
+    decoded, labels, classes, conversions = [], [], [], {}
+    total = sum(len(f) for f in files_of.values())
+    bar = tqdm(total=total, desc=f"read {folder.name}", unit="img", disable=not progress or total < 500, leave=False)
+    for cname, files in files_of.items():
+        kept = 0
+        for path in files:
+            bar.update(1)
+            try:
+                img, notes = _decode_image(path, background)
+            except Exception as e:  # truncated, corrupt, not an image at all, decompression bomb ...
+                skip("unreadable images", path, f" ({type(e).__name__}: {str(e).replace(str(path), path.name)[:80]})")
+                continue
+            for note in notes:
+                conversions[note] = conversions.get(note, 0) + 1
+            decoded.append(img)
+            labels.append(len(classes))
+            kept += 1
+        if kept:
+            classes.append(cname)
+        else:
+            skip("class folders without a readable image", folder / cname)
+    bar.close()
+    if not decoded:
+        raise DatasetError(f"image folder {folder} has class folders {[d.name for d in class_dirs]} but no readable "
+                           f"image (suffixes {sorted(IMAGE_SUFFIXES)})" + _skipped_text(skipped))
+    images, size, size_notes = _images_to_array(decoded, image_size)
+    notes = [f"{n} image(s): {what}" for what, n in conversions.items()]
+    lossy = bool(skipped or conversions)  # resizing alone is what every photo folder needs: no warning for it
+    if lossy:
+        import warnings
+
+        warnings.warn(
+            f"image folder {folder}: loaded {len(images)} images of {len(classes)} classes at {size}x{size}"
+            + _skipped_text(skipped) + "".join(f"\n  note: {n}" for n in notes + size_notes),
+            DatasetWarning, stacklevel=3)
+    return images, np.array(labels, dtype=np.int64), classes
+
+
+def _skipped_text(skipped: dict[str, list[str]], show: int = 20) -> str:
+    if not skipped:
+        return ""
+    n = sum(len(v) for v in skipped.values())
+    lines = [f"; skipped {n}:"]
+    for reason, items in skipped.items():
+        more = f" ... and {len(items) - show} more" if len(items) > show else ""
+        lines.append(f"  {reason} ({len(items)}): {', '.join(items[:show])}{more}")
+    return "\n".join(lines)
+
+
+def min_images_per_class(fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)) -> int:
+    """The fewest images a class needs so that :func:`stratified_splits` gives it at least one image in every split
+    with a non-zero fraction (6 for the default 0.7 / 0.1 / 0.2)."""
+    for n in range(1, 10_000):
+        n_train = int(round(fractions[0] * n))
+        n_val = int(round(fractions[1] * n))
+        counts = (n_train, n_val, n - n_train - n_val)
+        if all(c >= 1 for c, f in zip(counts, fractions) if f > 0):
+            return n
+    raise DatasetError(f"split fractions {fractions} leave some split empty for any class size")
+
+
+def _check_class_sizes(labels: np.ndarray, class_names: list[str], fractions, key: str) -> None:
+    """User data (folders, hub datasets): every class needs an image in every split, or the error says which."""
+    need = min_images_per_class(fractions)
+    counts = np.bincount(labels, minlength=len(class_names))
+    small = {class_names[c]: int(counts[c]) for c in range(len(class_names)) if counts[c] < need}
+    if small:
+        raise DatasetError(
+            f"dataset {key!r}: classes {small} (name: images) have fewer than {need} images, the minimum for a "
+            f"stratified train/val/test split with fractions {tuple(fractions)} (each class needs an image in every "
+            "split). Add images, remove those class folders, or pass split_fractions (e.g. (0.8, 0.0, 0.2) needs "
+            f"{min_images_per_class((0.8, 0.0, 0.2))})."
+        )
+
+
+def _load_hf(name: str, image_column: str | None, label_column: str | None, max_images: int | None,
+             image_size: int | None = None, background: tuple[int, int, int] = DEFAULT_BACKGROUND):
+    from .optional import require
+
+    datasets = require("datasets")
     try:
         ds = datasets.load_dataset(name, split="train")
     except Exception as e:  # offline, unknown name, auth ...
@@ -272,12 +484,12 @@ def _load_hf(name: str, image_column: str | None, label_column: str | None, max_
     label_column = label_column or next((c for c in ("label", "labels", "fine_label") if c in cols), None)
     if image_column is None or label_column is None:
         raise DatasetError(f"dataset {name!r} columns {cols}: pass image_column= and label_column=")
-    if max_images:
+    if max_images is not None:
         ds = ds.select(range(min(max_images, len(ds))))
     feat = ds.features[label_column]
     class_names = list(getattr(feat, "names", None) or sorted({str(v) for v in ds[label_column]}))
-    first = np.asarray(ds[0][image_column].convert("RGB"))
-    images = np.stack([np.asarray(im.convert("RGB").resize(first.shape[1::-1])) for im in ds[image_column]])
+    decoded = [_to_l_or_rgb(im, background)[0] for im in ds[image_column]]  # same modes and sizes as folders
+    images, _, _ = _images_to_array(decoded, image_size)
     labels = np.asarray(ds[label_column], dtype=np.int64)
     return images, labels, class_names
 
@@ -291,6 +503,8 @@ def load_dataset(
     image_column: str | None = None,
     label_column: str | None = None,
     max_images: int | None = None,
+    image_size: int | None = None,
+    background: tuple[int, int, int] = DEFAULT_BACKGROUND,
 ) -> ImageDataset:
     """Load a dataset by name with fixed stratified splits.
 
@@ -298,9 +512,21 @@ def load_dataset(
     ``"hf:<hub name>"`` (or any other string, tried on the Hugging Face hub); ``"<name>+facing"``: that dataset
     with a planted class-facing association (:func:`revelio_nb.captions.plant_facing`, the text model's data).
     ``classes`` keeps only those class ids (re-numbered), after splitting, so splits stay the same images.
+
+    Folders and hub datasets (user data): images are stored at ``image_size`` x ``image_size``, each resized by
+    its shorter side and centre-cropped (default: the most common shorter side, at most
+    :data:`FOLDER_MAX_IMAGE_SIZE`); transparency is composited on ``background`` (RGB, default white); 16-bit
+    images are rescaled. What a folder load skipped or converted is listed in one :class:`DatasetWarning` (see
+    :func:`_load_image_folder`). Every class needs :func:`min_images_per_class` images (6 for the default
+    fractions), else a :class:`DatasetError` names the classes. ``max_images`` caps a hub dataset's rows.
     """
     if not isinstance(name, (str, os.PathLike)) or not str(name):
         raise DatasetError(f"dataset name must be a non-empty string, got {name!r}; embedded: {list(EMBEDDED_DATASETS)}")
+    for arg, value in (("image_size", image_size), ("max_images", max_images)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+            raise DatasetError(f"{arg} must be None or a positive integer, got {value!r}")
+    if len(tuple(background)) != 3 or not all(isinstance(v, (int, np.integer)) and 0 <= v <= 255 for v in background):
+        raise DatasetError(f"background must be an RGB triple of integers 0..255, got {background!r}")
     key = str(name)
     base, plus, plant = key.rpartition("+")
     if plus and base and not Path(key).expanduser().exists():  # "<dataset>+<plant>": a planted association
@@ -310,14 +536,19 @@ def load_dataset(
             raise DatasetError(f"unknown planted variant {plant!r} in dataset {key!r}; valid: "
                                f"{[f'{base}+{p}' for p in PLANTS]}")
         ds = PLANTS[plant](load_dataset(base, split_fractions=split_fractions, split_seed=split_seed,
-                                        image_column=image_column, label_column=label_column, max_images=max_images))
+                                        image_column=image_column, label_column=label_column, max_images=max_images,
+                                        image_size=image_size, background=tuple(background)))
         return _subset(ds, classes, key)
-    if key == "animal-mnist":
-        images, labels, class_names = _load_animal_mnist()
-    elif key == "digits":
-        images, labels, class_names = _load_digits()
+    user_data = True
+    if key in EMBEDDED_DATASETS:
+        if image_size is not None:
+            raise DatasetError(f"image_size={image_size} applies to image folders and hub datasets; the embedded "
+                               f"dataset {key!r} keeps its native size (ImageDataset.tensor(size=...) resizes)")
+        images, labels, class_names = _load_animal_mnist() if key == "animal-mnist" else _load_digits()
+        user_data = False
     elif Path(key).expanduser().is_dir():
-        images, labels, class_names = _load_image_folder(Path(key).expanduser())
+        images, labels, class_names = _load_image_folder(Path(key).expanduser(), image_size=image_size,
+                                                         background=tuple(background))
     elif Path(key).expanduser().exists():
         raise DatasetError(f"{key!r} is a file; a local dataset must be a folder with one sub-folder per class")
     else:
@@ -327,8 +558,11 @@ def load_dataset(
                 f"dataset {key!r} is neither embedded nor a local folder, and the hub is offline "
                 f"(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE=1). Embedded choices: {list(EMBEDDED_DATASETS)}"
             )
-        images, labels, class_names = _load_hf(hub, image_column, label_column, max_images)
+        images, labels, class_names = _load_hf(hub, image_column, label_column, max_images, image_size,
+                                               tuple(background))
     splits = stratified_splits(labels, split_fractions, split_seed)
+    if user_data:
+        _check_class_sizes(labels, class_names, split_fractions, key)
     return _subset(ImageDataset(key, images, labels, class_names, splits, split_seed), classes, key)
 
 

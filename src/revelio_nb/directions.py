@@ -70,6 +70,8 @@ class SampleConfig:
         for name in ("n_seeds", "steps", "batch_size"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.image_size is not None and int(self.image_size) <= 0:
+            raise ValueError(f"image_size must be None (the model's native size) or positive, got {self.image_size!r}")
         if self.capture_steps is not None:
             self.capture_steps = sorted({int(s) for s in self.capture_steps})
             bad = [s for s in self.capture_steps if not 0 <= s < self.steps]
@@ -680,6 +682,8 @@ class CaptionMapConfig:
             raise ValueError(f"condition {self.condition!r} is not one of {list(CONDITIONS)}")
         if self.n_noise <= 0 or self.batch_size <= 0:
             raise ValueError("n_noise and batch_size must be positive integers")
+        if self.image_size is not None and int(self.image_size) <= 0:
+            raise ValueError(f"image_size must be None (the model's native size) or positive, got {self.image_size!r}")
         return self
 
 

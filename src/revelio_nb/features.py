@@ -127,6 +127,9 @@ class ExtractionConfig:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.max_images is not None and self.max_images < 1:
             raise ValueError(f"max_images must be None or a positive integer, got {self.max_images!r}")
+        if self.image_size is not None and (not isinstance(self.image_size, (int, np.integer)) or self.image_size < 1):
+            raise ValueError(f"image_size must be None (the model's native size) or a positive integer, "
+                             f"got {self.image_size!r}")
         return self
 
     def identity(self) -> dict[str, Any]:
@@ -149,6 +152,8 @@ def noise_for(index: int, t: int, draw: int, seed: int, shape: tuple[int, ...]) 
 
 def stratified_subset(indices: np.ndarray, labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     """A seeded subset of ``n`` indices with classes in proportion, sorted."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"the number of images to keep must be a positive integer, got {n!r}")
     if n >= len(indices):
         return indices
     rng = np.random.default_rng(seed)

@@ -167,7 +167,7 @@ def capture(model: DiffusionModel, blocks: list[str] | str, early_exit: bool = T
 def list_blocks(model: DiffusionModel, image_size: int | None = None, max_depth: int | None = 2,
                 timestep: int = 0) -> pd.DataFrame:
     """Every hookable block with its type, captured output shape and execution order, for one input size."""
-    size = model.check_image_size(image_size or model.native_image_size)
+    size = model.check_image_size(model.native_image_size if image_size is None else image_size)
     names = hookable_blocks(model.denoiser, max_depth)
     modules = dict(model.denoiser.named_modules())
     x = torch.zeros(1, model.denoiser.config.in_channels, size // model.vae_factor, size // model.vae_factor,

@@ -601,6 +601,7 @@ def embedded_folder(name: str, train_steps: int | None = None) -> tuple[Embedded
     return spec, cache_dir("models") / f"{name}-{config_hash(spec.identity())}"
 
 
+@torch.enable_grad()  # first use may come from inside a no_grad caller (extraction): training needs grads
 def ensure_embedded(name: str, train_steps: int | None = None, progress: bool = True) -> Path:
     """The cached folder of an embedded model, training it first if it is not there yet (resumable)."""
     from .data import load_dataset

@@ -34,7 +34,9 @@ def sample(
 
     if steps <= 0:
         raise ValueError(f"steps must be a positive integer, got {steps}")
-    size = model.check_image_size(image_size or model.native_image_size)
+    if n <= 0:
+        raise ValueError(f"n (the number of images) must be a positive integer, got {n}")
+    size = model.check_image_size(model.native_image_size if image_size is None else image_size)
     sched = DDIMScheduler.from_config(model.scheduler.config, clip_sample=model.vae is None, set_alpha_to_one=True)
     sched.set_timesteps(steps)
     g = torch.Generator().manual_seed(seed)

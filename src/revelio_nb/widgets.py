@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from . import artifacts
+from .optional import require
 from .paths import atomic_path
 
 HOOKPOINTS_FILE = Path("sae") / "hookpoints.csv"
@@ -687,7 +688,7 @@ class LatentBrowser:
                  hide_dead: bool = True, heatmap: bool = True, embedding: str = "pca", thumb_px: int = 64,
                  columns: int = 8, seed: int = 0, firing: bool = True, progress: bool = True,
                  extra_roots: Sequence[str | os.PathLike] = ()):
-        import ipywidgets as W
+        W = require("ipywidgets")  # a kernel without it: one line naming the install command
 
         if sort not in SORTS:
             raise BrowserError(f"unknown sort {sort!r}; choices: {list(SORTS)}")
