@@ -30,9 +30,9 @@ import re
 import shutil
 import tempfile
 import time
-import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -106,6 +106,7 @@ def _filter(name: str, x: np.ndarray) -> np.ndarray:
     return np.where(ax < 3, np.sinc(x) * np.sinc(x / 3), 0.0)  # lanczos
 
 
+@lru_cache(maxsize=64)
 def _resample_matrix(n_in: int, n_out: int, resample: int) -> torch.Tensor:
     """(n_out, n_in) weights of PIL's separable resize along one axis (its ``precompute_coeffs``)."""
     name, support = _RESAMPLE[resample]

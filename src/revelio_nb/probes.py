@@ -826,6 +826,9 @@ def results_markdown(run_dir: str | Path) -> str:
     if p4.is_file():
         df = best_by_validation(pd.read_csv(p4))
         with_ds = "dataset" in df.columns
+        if with_ds:  # dataset by dataset, in the order they first appear
+            order = {d: i for i, d in enumerate(dict.fromkeys(df["dataset"]))}
+            df = df.sort_values("dataset", key=lambda c: c.map(order), kind="stable")
         head = ("| dataset " if with_ds else "") + "| features | probe | block @ t | test accuracy (%) | seeds |"
         lines = [head, "|---" * head.count(" | ") + "|---|"]
         for r in df.itertuples():

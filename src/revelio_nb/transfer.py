@@ -41,7 +41,7 @@ class TransferConfig:
     vary_noise: bool = False  # True: a seed also re-draws the extraction noise
     diffc_max_epochs: int = 10
     diffc_max_map_size: int | None = 16
-    cnn_max_epochs: int = 10
+    cnn_max_epochs: int | None = None  # the supervised CNN's epochs (None: diffc_max_epochs, the same recipe)
     batch_size: int = 64  # diffusion stores' chunk size (part of a store's identity: as notebook 01)
     map_dtype: str = "float16"  # spatial maps on disk
     train_steps: int | None = None  # embedded model's training budget override (smoke runs)
@@ -87,7 +87,7 @@ def probe_runs(model: DiffusionModel, dataset: str | ImageDataset, sweep: pd.Dat
         control = replace(final, model=random_model.model_id, train_steps=None)
         parts.append(probes.probe_cells(random_model, control, cells, features="random init (same arch)", **common))
     parts.append(probes.baseline_runs(ds, seeds=cfg.seeds, size=model.native_image_size, max_images=cfg.max_images,
-                                      cnn=probes.DiffCConfig(max_epochs=cfg.cnn_max_epochs), progress=progress,
+                                      cnn=probes.DiffCConfig(max_epochs=cfg.cnn_max_epochs or cfg.diffc_max_epochs), progress=progress,
                                       features="pixels"))
     return pd.concat(parts, ignore_index=True).assign(dataset=ds.name)
 
@@ -97,7 +97,7 @@ def encoder_runs(encoders: Sequence[str | VisionEncoder], datasets: Sequence[str
     """Every encoder's rows (:func:`revelio_nb.encoders.encoder_runs`) on every dataset, with the notebook's sizes
     (same ``max_images`` subsets and Diff-C recipe as the diffusion rows). Empty when no encoder is given."""
     if not encoders:
-        return pd.DataFrame(columns=TABLE_KEYS)
+        return pd.DataFrame(columns=[*TABLE_KEYS, "seed", "val_acc", "test_acc", "n_train", "n_test"])
     encs = [e if isinstance(e, VisionEncoder) else load_encoder(e) for e in encoders]
     rows = []
     for d in datasets:
