@@ -696,6 +696,8 @@ def comparison_barplot(runs: pd.DataFrame, comparison: str, ax=None):
     ax.set_ylim(lo, 100)
     ax.set_xlabel("")
     ax.set_title(comparison)
+    if d["label"].nunique() > 4:  # several models x datasets: keep the labels apart
+        ax.tick_params(axis="x", labelrotation=35, labelsize=7)
     fig.tight_layout()
     return fig
 
