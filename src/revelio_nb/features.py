@@ -558,10 +558,12 @@ def open_for_writing(
     writer: str = "main",
     verify: bool = True,
     coordinator: bool = True,
+    check: Callable[[FeatureStore], None] | None = None,
 ) -> tuple[FeatureStore, "_Writer | None"]:
     """Open the store at ``path`` to fill it, or make it with ``create()`` (shared by every kind of feature store).
 
-    A store made with another config / weights is refused (:class:`StoreMismatchError`); an unreadable manifest or
+    A store made with another config / weights is refused (:class:`StoreMismatchError`; ``check(store)``, if
+    given, may refuse more, e.g. another cache key); an unreadable manifest or
     missing / truncated array files rebuild the store; with ``verify`` the coordinator drops the chunks whose bytes
     no longer match their checksums. Returns ``(store, None)`` when the store is complete (nothing to write),
     else ``(store, progress record of this writer)``.
@@ -570,6 +572,8 @@ def open_for_writing(
     if (path / "manifest.json").is_file():
         try:
             store = FeatureStore.open(path, expect=expect, weights_hash=weights_hash, allow_incomplete=True)
+            if check is not None:
+                check(store)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             if not coordinator:
                 raise StoreIncompleteError(f"the manifest of {path} is unreadable ({e}); run the coordinator first") from e
