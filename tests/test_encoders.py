@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from revelio_nb import encoders as E
-from revelio_nb.features import FeatureStore, stratified_subset
+from revelio_nb.features import FeatureStore, StoreMismatchError, stratified_subset
 from revelio_nb.probes import DiffCConfig, probe_data
 
 
@@ -249,3 +249,6 @@ def test_cache_key_and_resume(tiny, digits, tmp_path):
     flipped = ImageDataset(digits.name, digits.images[:, :, ::-1].copy(), digits.labels, digits.class_names,
                            digits.splits, digits.split_seed)
     assert E.encoder_store_dir(cfg, enc, flipped, idx) != key  # same name, other pixels
+    assert store.manifest["key"] == key.name.rsplit("-", 1)[1]
+    with pytest.raises(StoreMismatchError, match="another encoder, preprocessing or dataset rows"):
+        E.extract_encoder_features(cfg, enc, flipped, out_dir=store.path, progress=False)  # same config, other rows

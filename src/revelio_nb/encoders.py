@@ -44,8 +44,9 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .data import ImageDataset, load_dataset
-from .features import (PRECISIONS, STORE_DTYPES, FeatureStore, _MicroBatch, _sha, _write_manifest, _writing,
-                       allocate_store, array_key, open_for_writing, resolve_device, stratified_subset)
+from .features import (PRECISIONS, STORE_DTYPES, FeatureStore, StoreMismatchError, _MicroBatch, _sha,
+                       _write_manifest, _writing, allocate_store, array_key, open_for_writing, resolve_device,
+                       stratified_subset)
 from .paths import cache_dir, config_hash
 
 NO_TIMESTEP = -1  # the pseudo-timestep of encoder arrays (an encoder sees clean images once)
@@ -542,15 +543,21 @@ def dataset_rows_hash(ds: ImageDataset, indices: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
+def encoder_store_key(cfg: EncoderExtractionConfig, encoder: VisionEncoder, ds: ImageDataset,
+                      indices: np.ndarray) -> str:
+    """The key of an encoder store: everything that changes the stored numbers (the config, the encoder's weights,
+    its preprocessing, the content of the dataset rows). The one place encoder keys are built (recorded in the
+    manifest as ``key``, like diffusion stores)."""
+    return config_hash({"cfg": cfg.identity(), "weights": encoder.weights_hash,
+                        "preprocess": encoder.preprocess.identity(), "rows": dataset_rows_hash(ds, indices)})
+
+
 def encoder_store_dir(cfg: EncoderExtractionConfig, encoder: VisionEncoder, ds: ImageDataset,
                       indices: np.ndarray) -> Path:
-    """The cache folder of an encoder store: its key is everything that changes the stored numbers (the config,
-    the encoder's weights, its preprocessing, the content of the dataset rows). The one place encoder keys are
-    built."""
-    key = config_hash({"cfg": cfg.identity(), "weights": encoder.weights_hash, "preprocess": encoder.preprocess.identity(),
-                       "rows": dataset_rows_hash(ds, indices)})
+    """``<cache>/features/enc-<encoder>-<dataset>-<split>-<key>`` (:func:`encoder_store_key`)."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", encoder.name)[-40:]
-    return cache_dir("features") / f"enc-{slug}-{re.sub(r'[^A-Za-z0-9._-]+', '_', ds.name)[-24:]}-{cfg.split}-{key}"
+    ds_slug = re.sub(r"[^A-Za-z0-9._-]+", "_", ds.name)[-24:]
+    return cache_dir("features") / f"enc-{slug}-{ds_slug}-{cfg.split}-{encoder_store_key(cfg, encoder, ds, indices)}"
 
 
 def _create_encoder_store(path: Path, cfg: EncoderExtractionConfig, encoder: VisionEncoder, ds: ImageDataset,
@@ -570,8 +577,10 @@ def _create_encoder_store(path: Path, cfg: EncoderExtractionConfig, encoder: Vis
         "model_id": encoder.encoder_id,
         "model_kind": f"encoder:{encoder.arch}",
         "weights_hash": encoder.weights_hash,
+        "key": encoder_store_key(cfg, encoder, ds, indices),
         "preprocess": encoder.preprocess.identity(),
         "dataset": ds.name,
+        "dataset_fingerprint": dataset_rows_hash(ds, indices),
         "class_names": ds.class_names,
         "split": cfg.split,
         "image_size": list(encoder.input_size(*hw)),
@@ -604,8 +613,17 @@ def extract_encoder_features(cfg: EncoderExtractionConfig, encoder: VisionEncode
     indices = split_idx if cfg.max_images is None else stratified_subset(
         split_idx, ds.labels[split_idx], cfg.max_images, cfg.seed)
     path = Path(out_dir) if out_dir is not None else encoder_store_dir(cfg, encoder, ds, indices)
+    key = encoder_store_key(cfg, encoder, ds, indices)
+
+    def same_key(st: FeatureStore) -> None:  # e.g. an out_dir store made from other images or preprocessing
+        if st.manifest.get("key") != key:
+            raise StoreMismatchError(f"feature store {path} was made from another encoder, preprocessing or dataset "
+                                     f"rows (key {st.manifest.get('key')!r}, asked for {key!r}); use another "
+                                     f"out_dir, or delete it to extract again")
+
     store, rec = open_for_writing(path, cfg.identity(), encoder.weights_hash,
-                                  lambda: _create_encoder_store(path, cfg, encoder, ds, indices), verify=verify)
+                                  lambda: _create_encoder_store(path, cfg, encoder, ds, indices), verify=verify,
+                                  check=same_key)
     if rec is None:
         return store
 
