@@ -62,7 +62,8 @@ def test_tiny_encoder_by_path_fills_a_feature_store(kind, tiny, digits):
     np.testing.assert_array_equal(store.indices, idx)
     np.testing.assert_array_equal(store.labels, digits.labels[idx])
     direct = enc.features(enc.preprocess(digits.images[idx[[0, 17, 29]]]), ["cls", "patch"])
-    np.testing.assert_allclose(store.array("cls", E.NO_TIMESTEP)[[0, 17, 29]], direct["cls"].numpy(), atol=2e-2, rtol=1e-2)
+    np.testing.assert_allclose(store.array("cls", E.NO_TIMESTEP)[[0, 17, 29]], direct["cls"].numpy(), atol=2e-2,
+                               rtol=1e-2)
     np.testing.assert_allclose(patch[[0, 17, 29]], direct["patch"].numpy(), atol=2e-2, rtol=1e-2)
     assert FeatureStore.open(store.path).verify() == []
 

@@ -44,7 +44,8 @@ def test_transfer_study_over_a_list_of_datasets(tiny_unet_path, tmp_path):
     (tmp_path / "run" / "tables").mkdir(parents=True)
     summary.to_csv(tmp_path / "run" / "tables" / "probe_summary.csv", index=False)
     md = probes.results_markdown(tmp_path / "run")
-    assert md.startswith("| dataset | features | probe | block @ t | test accuracy (%) | seeds |\n|---|---|---|---|---|---|")
+    assert md.startswith("| dataset | features | probe | block @ t | test accuracy (%) | seeds |\n"
+                         "|---|---|---|---|---|---|")
     for n in datasets:
         assert f"| {n} | encoder: tiny-clip | diffc | patch |" in md and f"| {n} | pixels | supervised CNN | - |" in md
         assert f"| {n} | diffusion (trained) | diffc |" in md

@@ -735,10 +735,12 @@ def summary_barplot(runs: pd.DataFrame, best: pd.DataFrame, ax=None):
     hue_order = sorted(set(d["probe"]), key=lambda p: not p.startswith("linear"))
     for a, name in zip(axes, names):
         dd = d if name is None else d[d["dataset"] == name]
-        sns.barplot(data=dd, x="features", y="test %", hue="probe", errorbar="sd", ax=a, alpha=0.85, hue_order=hue_order)
+        sns.barplot(data=dd, x="features", y="test %", hue="probe", errorbar="sd", ax=a, alpha=0.85,
+                    hue_order=hue_order)
         a.set_ylim(max(0.0, float(dd["test %"].min()) - 10), 100)
         a.set_xlabel("")
-        a.set_title(("" if name is None else f"{name}: ") + "test accuracy at the validation-best cell (mean ± std over seeds)")
+        a.set_title(("" if name is None else f"{name}: ")
+                    + "test accuracy at the validation-best cell (mean ± std over seeds)")
         a.legend(fontsize=8, loc="lower right")
         a.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
@@ -759,7 +761,8 @@ def headline(summary: pd.DataFrame, target: float = 0.92) -> str:
 
     lines = []
     for (f, m), r in best.iterrows():
-        cell = "" if r["block"] == "pixels" else (f" at {r['block']}" + (f" t={int(r['t'])}" if int(r["t"]) >= 0 else ""))
+        t = f" t={int(r['t'])}" if int(r["t"]) >= 0 else ""  # encoders have no timestep
+        cell = "" if r["block"] == "pixels" else f" at {r['block']}{t}"
         lines.append(f"{f:28s} {m:20s} {r['test']:>14s} %  ({int(r['n_seeds'])} seed(s){cell})")
     lin, dc = get("diffusion (trained)", "linear"), get("diffusion (trained)", "diffc")
     pix, ctrl = get("pixels", "pixels (logistic)"), get("random init (same arch)", "diffc")

@@ -86,9 +86,9 @@ def probe_runs(model: DiffusionModel, dataset: str | ImageDataset, sweep: pd.Dat
     if random_model is not None:
         control = replace(final, model=random_model.model_id, train_steps=None)
         parts.append(probes.probe_cells(random_model, control, cells, features="random init (same arch)", **common))
+    cnn = probes.DiffCConfig(max_epochs=cfg.cnn_max_epochs or cfg.diffc_max_epochs)
     parts.append(probes.baseline_runs(ds, seeds=cfg.seeds, size=model.native_image_size, max_images=cfg.max_images,
-                                      cnn=probes.DiffCConfig(max_epochs=cfg.cnn_max_epochs or cfg.diffc_max_epochs), progress=progress,
-                                      features="pixels"))
+                                      cnn=cnn, progress=progress, features="pixels"))
     return pd.concat(parts, ignore_index=True).assign(dataset=ds.name)
 
 
