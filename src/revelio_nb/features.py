@@ -383,11 +383,6 @@ def create_store(path: Path, cfg: ExtractionConfig, model: DiffusionModel, ds: I
     up front and the array files are allocated on disk (not sparse), so a full disk is a clear error now, not a
     crash (SIGBUS) half-way through writing the memory maps.
     """
-    with _writing(path, "the feature store folder"):
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "manifest.json").unlink(missing_ok=True)
-        for f in (path / "progress").glob("*.json"):
-            f.unlink()
     shapes = _probe_shapes(model, cfg, size)
     n = len(indices)
     arrays = {}
@@ -396,21 +391,6 @@ def create_store(path: Path, cfg: ExtractionConfig, model: DiffusionModel, ds: I
             key = array_key(b, t)
             shape = (n, shapes[b][0]) if cfg.pooling == "mean" else (n, *shapes[b])
             arrays[key] = {"file": key.replace("/", "_") + ".npy", "block": b, "t": int(t), "shape": list(shape)}
-    itemsize = np.dtype(cfg.store_dtype).itemsize
-    need = sum(int(np.prod(m["shape"])) * itemsize + 4096 for m in arrays.values()) + 16 * n + (1 << 20)
-    reclaim = sum((path / m["file"]).stat().st_size for m in arrays.values() if (path / m["file"]).is_file())
-    free = shutil.disk_usage(path).free + reclaim
-    if need > free:
-        raise StoreWriteError(errno.ENOSPC, f"cannot create the feature store at {path}: it needs {need / 2**20:.1f} "
-                              f"MiB and only {free / 2**20:.1f} MiB are free on that disk; free some space or pass "
-                              f"out_dir= on a larger disk (nothing was written)")
-    for key, m in arrays.items():
-        with _writing(path / m["file"], f"the array of {key}"):
-            np.lib.format.open_memmap(path / m["file"], mode="w+", dtype=cfg.store_dtype, shape=tuple(m["shape"])).flush()
-            _allocate(path / m["file"])
-    with _writing(path, "labels.npy / indices.npy"):
-        np.save(path / "labels.npy", ds.labels[indices])
-        np.save(path / "indices.npy", indices)
     manifest = {
         "format": "revelio-feature-store/1",
         "config": cfg.identity(),
@@ -431,6 +411,40 @@ def create_store(path: Path, cfg: ExtractionConfig, model: DiffusionModel, ds: I
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "status": "incomplete",
     }
+    return allocate_store(path, manifest, ds.labels[indices], indices)
+
+
+def allocate_store(path: Path, manifest: dict[str, Any], labels: np.ndarray, indices: np.ndarray) -> FeatureStore:
+    """Write a new, empty store from its ``manifest`` (``arrays``: file and shape of each array,
+    ``config.store_dtype``); status ``incomplete``. Shared by every kind of feature store.
+
+    A previous manifest and progress records in ``path`` are removed first and the manifest is written last, so a
+    crash anywhere in here leaves a folder that the next run simply creates again. The disk space is checked
+    up front and the array files are allocated on disk (not sparse), so a full disk is a clear error now, not a
+    crash (SIGBUS) half-way through writing the memory maps.
+    """
+    arrays, n, dtype = manifest["arrays"], len(indices), manifest["config"]["store_dtype"]
+    with _writing(path, "the feature store folder"):
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "manifest.json").unlink(missing_ok=True)
+        for f in (path / "progress").glob("*.json"):
+            f.unlink()
+    itemsize = np.dtype(dtype).itemsize
+    need = sum(int(np.prod(m["shape"])) * itemsize + 4096 for m in arrays.values()) + 16 * n + (1 << 20)
+    reclaim = sum((path / m["file"]).stat().st_size for m in arrays.values() if (path / m["file"]).is_file())
+    free = shutil.disk_usage(path).free + reclaim
+    if need > free:
+        raise StoreWriteError(errno.ENOSPC, f"cannot create the feature store at {path}: it needs {need / 2**20:.1f} "
+                              f"MiB and only {free / 2**20:.1f} MiB are free on that disk; free some space or pass "
+                              f"out_dir= on a larger disk (nothing was written)")
+    for key, m in arrays.items():
+        with _writing(path / m["file"], f"the array of {key}"):
+            np.lib.format.open_memmap(path / m["file"], mode="w+", dtype=dtype, shape=tuple(m["shape"])).flush()
+            _allocate(path / m["file"])
+    with _writing(path, "labels.npy / indices.npy"):
+        np.save(path / "labels.npy", labels)
+        np.save(path / "indices.npy", indices)
+    manifest = {**manifest, "status": "incomplete"}
     with _writing(path / "manifest.json", "the manifest"):
         atomic_write_json(path / "manifest.json", manifest)
     return FeatureStore(path, manifest)
@@ -500,47 +514,10 @@ def extract_features(
         split_idx, ds.labels[split_idx], cfg.max_images, cfg.seed)
     path = Path(out_dir) if out_dir is not None else default_store_dir(cfg, model, ds)
 
-    store = None
-    if (path / "manifest.json").is_file():
-        try:
-            store = FeatureStore.open(path, expect=cfg, weights_hash=model.weights_hash, allow_incomplete=True)
-            store.check_key(artifacts.store_key(cfg, model, ds), ds.fingerprint)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            if not coordinator:
-                raise StoreIncompleteError(f"the manifest of {path} is unreadable ({e}); run the coordinator first") from e
-            warnings.warn(f"the manifest of feature store {path} is unreadable ({e}); rebuilding the store")
-    elif not coordinator:
-        raise StoreIncompleteError(f"no feature store at {path}: the coordinator (rank 0) creates it first; with "
-                                   "several machines, the folder must be on a file system that every rank shares")
-    if store is not None:
-        n_chunks = store.manifest["n_chunks"]
-        if store.manifest.get("status") == "complete" and len(store.done_chunks()) < n_chunks:
-            store.manifest["status"] = "incomplete"  # e.g. a repair was interrupted: never trust 'complete' alone
-            if coordinator:
-                _write_manifest(store)
-        if store.manifest.get("status") == "complete" and not verify:
-            return store
-        if not _check_files(store):  # truncated / missing array files: rebuild, nothing else is trustworthy
-            if not coordinator:
-                raise StoreIncompleteError(f"array files of {path} are missing or truncated; run the coordinator first")
-            warnings.warn(f"array files of feature store {path} are missing or truncated; rebuilding the store")
-            store = None
-    if store is None:
-        store = create_store(path, cfg, model, ds, indices, size)
-
-    rec = _Writer(store, writer)
-    if coordinator and verify and store.done_chunks():
-        bad = store.verify()
-        if bad:
-            warnings.warn(f"{len(bad)} chunk(s) of feature store {path} do not match their checksums "
-                          f"(chunks {bad[:20]}); recomputing only those")
-            store.manifest["status"] = "incomplete"  # first: a crash below must not leave 'complete' + missing chunks
-            _write_manifest(store)
-            rec.drop(bad)
-            for f in (path / "progress").glob("*.json"):  # other writers' bad chunks too
-                if f != rec.file:
-                    _Writer(store, f.stem).drop(bad)
-    if store.manifest.get("status") == "complete":
+    store, rec = open_for_writing(path, cfg, model.weights_hash, lambda: create_store(path, cfg, model, ds, indices, size),
+                                  writer=writer, verify=verify, coordinator=coordinator,
+                                  check=lambda st: st.check_key(artifacts.store_key(cfg, model, ds), ds.fingerprint))
+    if rec is None:
         return store
 
     todo = [c for c in (range(store.manifest["n_chunks"]) if chunks is None else chunks) if c not in store.done_chunks()]
@@ -596,6 +573,70 @@ def extract_features(
         store.manifest["completed"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         _write_manifest(store)
     return FeatureStore(path, store.manifest)
+
+
+def open_for_writing(
+    path: Path,
+    expect: ExtractionConfig | dict[str, Any],
+    weights_hash: str,
+    create: Callable[[], FeatureStore],
+    writer: str = "main",
+    verify: bool = True,
+    coordinator: bool = True,
+    check: Callable[[FeatureStore], None] | None = None,
+) -> tuple[FeatureStore, "_Writer | None"]:
+    """Open the store at ``path`` to fill it, or make it with ``create()`` (shared by every kind of feature store).
+
+    A store made with another config / weights is refused (:class:`StoreMismatchError`; ``check(store)``, if
+    given, may refuse more, e.g. another cache key); an unreadable manifest or
+    missing / truncated array files rebuild the store; with ``verify`` the coordinator drops the chunks whose bytes
+    no longer match their checksums. Returns ``(store, None)`` when the store is complete (nothing to write),
+    else ``(store, progress record of this writer)``.
+    """
+    store = None
+    if (path / "manifest.json").is_file():
+        try:
+            store = FeatureStore.open(path, expect=expect, weights_hash=weights_hash, allow_incomplete=True)
+            if check is not None:
+                check(store)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            if not coordinator:
+                raise StoreIncompleteError(f"the manifest of {path} is unreadable ({e}); run the coordinator first") from e
+            warnings.warn(f"the manifest of feature store {path} is unreadable ({e}); rebuilding the store")
+    elif not coordinator:
+        raise StoreIncompleteError(f"no feature store at {path}: the coordinator (rank 0) creates it first; with "
+                                   "several machines, the folder must be on a file system that every rank shares")
+    if store is not None:
+        n_chunks = store.manifest["n_chunks"]
+        if store.manifest.get("status") == "complete" and len(store.done_chunks()) < n_chunks:
+            store.manifest["status"] = "incomplete"  # e.g. a repair was interrupted: never trust 'complete' alone
+            if coordinator:
+                _write_manifest(store)
+        if store.manifest.get("status") == "complete" and not verify:
+            return store, None
+        if not _check_files(store):  # truncated / missing array files: rebuild, nothing else is trustworthy
+            if not coordinator:
+                raise StoreIncompleteError(f"array files of {path} are missing or truncated; run the coordinator first")
+            warnings.warn(f"array files of feature store {path} are missing or truncated; rebuilding the store")
+            store = None
+    if store is None:
+        store = create()
+
+    rec = _Writer(store, writer)
+    if coordinator and verify and store.done_chunks():
+        bad = store.verify()
+        if bad:
+            warnings.warn(f"{len(bad)} chunk(s) of feature store {path} do not match their checksums "
+                          f"(chunks {bad[:20]}); recomputing only those")
+            store.manifest["status"] = "incomplete"  # first: a crash below must not leave 'complete' + missing chunks
+            _write_manifest(store)
+            rec.drop(bad)
+            for f in (path / "progress").glob("*.json"):  # other writers' bad chunks too
+                if f != rec.file:
+                    _Writer(store, f.stem).drop(bad)
+    if store.manifest.get("status") == "complete":
+        return store, None
+    return store, rec
 
 
 def _write_manifest(store: FeatureStore) -> None:

@@ -585,6 +585,18 @@ class ComparisonEntry:
     train_steps: int | None = None  # override the embedded model's budget (smoke runs)
 
 
+def on_datasets(entries: Sequence[ComparisonEntry], datasets: Sequence[str]) -> list[ComparisonEntry]:
+    """Every entry probed on every dataset of ``datasets`` (the same model, trained once, read on each: Revelio
+    probes one model on several datasets), dataset by dataset. Entries with ``probe_classes`` are refused: a class
+    subset is specific to its dataset."""
+    if not datasets:
+        raise ProbeError("datasets is empty; give at least one, e.g. ['animal-mnist']")
+    tied = [e.label for e in entries if e.probe_classes]
+    if tied:
+        raise ProbeError(f"entries {tied} probe a class subset of their own dataset; keep them out of on_datasets")
+    return [replace(e, dataset=d) for d in datasets for e in entries]
+
+
 def load_any(model_id: str, train_steps: int | None = None, seed: int = 0) -> DiffusionModel:
     """``embedded:<name>`` / folder / hub id through :func:`load_model`, or ``random:<name>`` (random init)."""
     if model_id.startswith("random:"):
@@ -667,12 +679,14 @@ def sweep_heatmap(df: pd.DataFrame, value: str = "test_acc", title: str | None =
 
 
 def comparison_barplot(runs: pd.DataFrame, comparison: str, ax=None):
-    """Test accuracy (mean ± std over seeds) per model and method for one comparison."""
+    """Test accuracy (mean ± std over seeds) per model (and probed dataset) and method for one comparison."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
     d = runs[runs["comparison"] == comparison].copy()
     d["test %"] = d["test_acc"] * 100
+    if "dataset" in d.columns and d["dataset"].nunique() > 1:  # the same models probed on several datasets
+        d["label"] = d["label"] + "\n" + d["dataset"]
     if ax is None:
         fig, ax = plt.subplots(figsize=(1.5 + 1.3 * d["label"].nunique(), 3.2))
     else:
@@ -682,45 +696,64 @@ def comparison_barplot(runs: pd.DataFrame, comparison: str, ax=None):
     ax.set_ylim(lo, 100)
     ax.set_xlabel("")
     ax.set_title(comparison)
+    if d["label"].nunique() > 4:  # several models x datasets: keep the labels apart
+        ax.tick_params(axis="x", labelrotation=35, labelsize=7)
     fig.tight_layout()
     return fig
 
 
-def best_by_validation(summary: pd.DataFrame, by: Sequence[str] = ("features", "method")) -> pd.DataFrame:
-    """Per group, the row of :func:`summarize` with the best mean validation accuracy (test is only reported)."""
+def best_by_validation(summary: pd.DataFrame, by: Sequence[str] = ("dataset", "features", "method")) -> pd.DataFrame:
+    """Per group (per dataset when the table has that column), the row of :func:`summarize` with the best mean
+    validation accuracy (test is only reported)."""
     by = [c for c in by if c in summary.columns]
     idx = summary.groupby(by, sort=False)["val_acc"].idxmax()
     return summary.loc[idx.values].reset_index(drop=True)
 
 
 def summary_barplot(runs: pd.DataFrame, best: pd.DataFrame, ax=None):
-    """Test accuracy per seed (points) and mean ± std (bars) of the validation-best cell of each (features, method)."""
+    """Test accuracy per seed (points) and mean ± std (bars) of the validation-best cell of each (features, method);
+    one panel per dataset when the tables have a ``dataset`` column (``ax`` only for a single dataset)."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    keys = set(zip(best["features"], best["method"], best["block"], best["t"]))
-    d = runs[[k in keys for k in zip(runs["features"], runs["method"], runs["block"], runs["t"])]].copy()
+    key = [c for c in ("dataset", "features", "method", "block", "t") if c in best.columns and c in runs.columns]
+    keys = set(map(tuple, best[key].astype(str).values))
+    d = runs[[k in keys for k in map(tuple, runs[key].astype(str).values)]].copy()
     d["test %"] = d["test_acc"] * 100
     family = {"linear": "linear (probe / pixel logistic)", "pixels (logistic)": "linear (probe / pixel logistic)",
               "diffc": "conv (Diff-C / supervised CNN)", "supervised CNN": "conv (Diff-C / supervised CNN)"}
     d["probe"] = [family.get(m, m) for m in d["method"]]
+    names = list(dict.fromkeys(d["dataset"])) if "dataset" in d.columns else [None]
     if ax is None:
-        fig, ax = plt.subplots(figsize=(8, 3.6))
+        n_feat = d["features"].nunique()
+        fig, axes = plt.subplots(len(names), 1, figsize=(max(8, 1.9 * n_feat), 3.6 * len(names)), squeeze=False)
+        axes = axes[:, 0]
     else:
-        fig = ax.figure
-    sns.barplot(data=d, x="features", y="test %", hue="probe", errorbar="sd", ax=ax, alpha=0.85,
-                hue_order=sorted(set(d["probe"]), key=lambda p: not p.startswith("linear")))
-    ax.set_ylim(max(0.0, float(d["test %"].min()) - 10), 100)
-    ax.set_xlabel("")
-    ax.set_title("test accuracy at the validation-best cell (mean ± std over seeds)")
-    ax.legend(fontsize=8, loc="lower right")
+        if len(names) > 1:
+            raise ProbeError(f"one ax cannot hold {len(names)} datasets ({names}); leave ax=None")
+        fig, axes = ax.figure, [ax]
+    hue_order = sorted(set(d["probe"]), key=lambda p: not p.startswith("linear"))
+    for a, name in zip(axes, names):
+        dd = d if name is None else d[d["dataset"] == name]
+        sns.barplot(data=dd, x="features", y="test %", hue="probe", errorbar="sd", ax=a, alpha=0.85,
+                    hue_order=hue_order)
+        a.set_ylim(max(0.0, float(dd["test %"].min()) - 10), 100)
+        a.set_xlabel("")
+        a.set_title(("" if name is None else f"{name}: ")
+                    + "test accuracy at the validation-best cell (mean ± std over seeds)")
+        a.legend(fontsize=8, loc="lower right")
+        a.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
     return fig
 
 
 def headline(summary: pd.DataFrame, target: float = 0.92) -> str:
     """A plain-text verdict from a :func:`summarize` table with features in {diffusion (trained), random init
-    (same arch), pixels}: best linear / Diff-C (chosen on validation) vs pixels, the control and the CNN."""
+    (same arch), pixels, encoder: <name>}: best linear / Diff-C (chosen on validation) vs pixels, the control, the
+    CNN and the vision encoders; one paragraph per dataset when the table has a ``dataset`` column."""
+    if "dataset" in summary.columns and summary["dataset"].nunique() > 1:
+        return "\n\n".join(f"== {name}\n" + headline(d.drop(columns="dataset"), target)
+                            for name, d in summary.groupby("dataset", sort=False))
     best = best_by_validation(summary).set_index(["features", "method"])
 
     def get(f, m):
@@ -728,7 +761,8 @@ def headline(summary: pd.DataFrame, target: float = 0.92) -> str:
 
     lines = []
     for (f, m), r in best.iterrows():
-        cell = "" if r["block"] == "pixels" else f" at {r['block']} t={int(r['t'])}"
+        t = f" t={int(r['t'])}" if int(r["t"]) >= 0 else ""  # encoders have no timestep
+        cell = "" if r["block"] == "pixels" else f" at {r['block']}{t}"
         lines.append(f"{f:28s} {m:20s} {r['test']:>14s} %  ({int(r['n_seeds'])} seed(s){cell})")
     lin, dc = get("diffusion (trained)", "linear"), get("diffusion (trained)", "diffc")
     pix, ctrl = get("pixels", "pixels (logistic)"), get("random init (same arch)", "diffc")
@@ -746,16 +780,29 @@ def headline(summary: pd.DataFrame, target: float = 0.92) -> str:
             lines.append(f"random-init control: linear {ctrl_lin['test_mean'] * 100:.1f} %, Diff-C "
                          f"{ctrl['test_mean'] * 100:.1f} % (trained: {lin['test_mean'] * 100:.1f} / "
                          f"{dc['test_mean'] * 100:.1f} %)")
+        for f in dict.fromkeys(best.index.get_level_values(0)):
+            if str(f).startswith("encoder:"):
+                el, ed = get(f, "linear"), get(f, "diffc")
+                parts = [f"{what} {e['test_mean'] * 100:.1f} vs {ref['test_mean'] * 100:.1f} %"
+                         for what, e, ref in (("linear", el, lin), ("Diff-C", ed, dc)) if e is not None]
+                lines.append(f"{f[len('encoder:'):].strip()} vs diffusion features: " + ", ".join(parts))
     return "\n".join(lines)
 
 
-def layer_profile(sweeps: pd.DataFrame, comparison: str, value: str = "val_acc", ax=None):
+def layer_profile(sweeps: pd.DataFrame, comparison: str, value: str = "val_acc", ax=None, dataset: str | None = None):
     """Validation accuracy of the linear probe along each model's depth (blocks in execution order, x scaled
-    to 0..1 so a UNet and a DiT can share the axis); one line per (model, t)."""
+    to 0..1 so a UNet and a DiT can share the axis); one line per (model, t), on one probed ``dataset`` (default:
+    the comparison's first)."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
     d = sweeps[sweeps["comparison"] == comparison].copy()
+    if "dataset" in d.columns and len(d):
+        names = list(dict.fromkeys(d["dataset"]))
+        dataset = names[0] if dataset is None else dataset
+        if dataset not in names:
+            raise ProbeError(f"comparison {comparison!r} was not probed on {dataset!r}; it was on {names}")
+        d = d[d["dataset"] == dataset]
     pos = {}
     for label, g in d.groupby("label", sort=False):
         order = list(dict.fromkeys(g["block"]))
@@ -769,7 +816,7 @@ def layer_profile(sweeps: pd.DataFrame, comparison: str, value: str = "val_acc",
     else:
         fig = ax.figure
     sns.lineplot(data=d, x="relative depth", y=f"{value} %", hue="label", style="t", marker="o", ax=ax)
-    ax.set_title(f"{comparison}: linear probe along depth")
+    ax.set_title(f"{comparison}: linear probe along depth" + (f" ({dataset})" if dataset else ""))
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
@@ -783,10 +830,16 @@ def results_markdown(run_dir: str | Path) -> str:
     p4 = tables / "probe_summary.csv"
     if p4.is_file():
         df = best_by_validation(pd.read_csv(p4))
-        lines = ["| features | probe | block @ t | test accuracy (%) | seeds |", "|---|---|---|---|---|"]
+        with_ds = "dataset" in df.columns
+        if with_ds:  # dataset by dataset, in the order they first appear
+            order = {d: i for i, d in enumerate(dict.fromkeys(df["dataset"]))}
+            df = df.sort_values("dataset", key=lambda c: c.map(order), kind="stable")
+        head = ("| dataset " if with_ds else "") + "| features | probe | block @ t | test accuracy (%) | seeds |"
+        lines = [head, "|---" * head.count(" | ") + "|---|"]
         for r in df.itertuples():
-            cell = "-" if r.block == "pixels" else f"{r.block} @ {int(r.t)}"
-            lines.append(f"| {r.features} | {r.method} | {cell} | {r.test} | {int(r.n_seeds)} |")
+            cell = "-" if r.block == "pixels" else (f"{r.block} @ {int(r.t)}" if int(r.t) >= 0 else str(r.block))
+            lines.append((f"| {r.dataset} " if with_ds else "")
+                         + f"| {r.features} | {r.method} | {cell} | {r.test} | {int(r.n_seeds)} |")
         parts.append("\n".join(lines))
     p5 = tables / "comparison_summary.csv"
     if p5.is_file():
@@ -803,10 +856,11 @@ def results_markdown(run_dir: str | Path) -> str:
 
 
 def comparison_summary(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per (comparison, model): its cell and linear / Diff-C test accuracy as "mean ± std" (%)."""
+    """One row per (comparison, probed dataset, model): its cell and linear / Diff-C test accuracy as
+    "mean ± std" (%)."""
     rows = []
-    for (comp, label), d in runs.groupby(["comparison", "label"], sort=False):
-        row = {"comparison": comp, "label": label, "model": d["model"].iloc[0], "dataset": d["dataset"].iloc[0],
+    for (comp, dataset, label), d in runs.groupby(["comparison", "dataset", "label"], sort=False):
+        row = {"comparison": comp, "label": label, "model": d["model"].iloc[0], "dataset": dataset,
                "train_steps": int(d["train_steps"].iloc[0]), "block": d["block"].iloc[0], "t": int(d["t"].iloc[0])}
         for m in ("linear", "diffc"):
             dm = d[d["method"] == m]
