@@ -56,12 +56,15 @@ class Sampler:
             else:  # e.g. Sana's DPM-Solver with flow sigmas: Euler with the same shift
                 self.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=noise.num_train_timesteps,
                                                                  shift=noise.shift)
+            kw: dict[str, Any] = {}
+            sigmas = model.adapter.flow_sigmas(steps)  # the family pipeline's own sigma grid (FLUX), else default
+            if sigmas is not None:
+                kw["sigmas"] = sigmas
             if noise.dynamic:
                 if latent_hw is None:
                     raise ValueError("a resolution-shifted flow sampler needs the latent size")
-                self.scheduler.set_timesteps(steps, mu=noise.mu(model.seq_len(tuple(latent_hw))))
-            else:
-                self.scheduler.set_timesteps(steps)
+                kw["mu"] = noise.mu(model.seq_len(tuple(latent_hw)))
+            self.scheduler.set_timesteps(None if sigmas is not None else steps, **kw)
         self.timesteps = self.scheduler.timesteps
         self._denoised: torch.Tensor | None = None
 

@@ -162,6 +162,10 @@ class Adapter:
     def make_noise(self):
         return noise_for_scheduler(self.model.scheduler)
 
+    def flow_sigmas(self, steps: int):
+        """Flow models: the sigma grid of the family's own pipeline for ``steps`` steps (None: the scheduler's)."""
+        return None
+
     # -- conditioning
     def num_classes(self) -> int | None:
         return None

@@ -64,6 +64,11 @@ class FluxAdapter(JointStreamMixin, Adapter):
     def native_image_size(self) -> int:
         return 1024 if self.model.vae is not None else 64
 
+    def flow_sigmas(self, steps: int):
+        import numpy as np
+
+        return np.linspace(1.0, 1 / steps, steps)  # FluxPipeline's grid
+
     def reset(self) -> None:
         self._pipe = None
 
@@ -77,6 +82,10 @@ class FluxAdapter(JointStreamMixin, Adapter):
             return {}
         g = FLUX_DEV_GUIDANCE if guidance is None else float(guidance)
         return {"guidance": torch.full((batch_size,), g, dtype=torch.float32, device=self.model.device)}
+
+    @property
+    def default_guidance(self) -> float:  # type: ignore[override]
+        return FLUX_DEV_GUIDANCE if self.cfg.guidance_embeds else 1.0
 
     def uses_cfg(self) -> bool:
         return not self.cfg.guidance_embeds  # FLUX-dev: guidance is an input, not a second pass
