@@ -187,24 +187,37 @@ class DiffusionModel:
         hw = self.latent_shape(1, size)[-2:]
         return [self.noise.record(self.check_timestep(t), self.seq_len(hw)) for t in timesteps]
 
+    VAE_PIXELS_PER_PASS = 512 * 512  # VAE activations at full resolution are ~0.5 GB per 512 px image: pass few
+
+    def _vae_slices(self, n: int, pixels: int) -> list[slice]:
+        per = max(1, self.VAE_PIXELS_PER_PASS // max(1, pixels))
+        return [slice(i, min(i + per, n)) for i in range(0, n, per)]
+
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] (B, C, H, W) -> the denoiser's input space (VAE latents, scaled and shifted)."""
+        """Images in [-1, 1] (B, C, H, W) -> the denoiser's input space (VAE latents, scaled and shifted).
+        The VAE runs on a few images at a time (its full-resolution activations dominate memory)."""
         if self.vae is None:
             return images.to(self.device, self.dtype)
-        images = images.to(self.device, self.vae.dtype)
-        enc = self.vae.encode(images)
-        latents = enc.latent_dist.mode() if hasattr(enc, "latent_dist") else enc.latent  # AutoencoderKL / DC
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return ((latents - shift) * self.vae.config.scaling_factor).to(self.dtype)
+        out = []
+        for s in self._vae_slices(len(images), images.shape[-2] * images.shape[-1]):
+            enc = self.vae.encode(images[s].to(self.device, self.vae.dtype))
+            latents = enc.latent_dist.mode() if hasattr(enc, "latent_dist") else enc.latent  # AutoencoderKL / DC
+            out.append(((latents - shift) * self.vae.config.scaling_factor).to(self.dtype))
+        return torch.cat(out)
 
     @torch.no_grad()
     def decode_latents(self, x0: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
             return x0.clamp(-1, 1)
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        z = x0.to(self.vae.dtype) / self.vae.config.scaling_factor + shift
-        return self.vae.decode(z).sample.clamp(-1, 1)
+        pixels = x0.shape[-2] * x0.shape[-1] * self.vae_factor ** 2
+        out = []
+        for s in self._vae_slices(len(x0), pixels):
+            z = x0[s].to(self.vae.dtype) / self.vae.config.scaling_factor + shift
+            out.append(self.vae.decode(z).sample.clamp(-1, 1))
+        return torch.cat(out)
 
     # -- conditioning
     @property
