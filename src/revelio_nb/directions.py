@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .captions import ATTRIBUTES, attribute_prompt, neutral_prompt
-from .hooks import normalise_output, validate_blocks
+from .hooks import validate_blocks
 from .models import DiffusionModel
 from .paths import atomic_write_json, cache_dir, config_hash
 

@@ -13,12 +13,13 @@ denoiser call); :func:`sample` and :func:`revelio_nb.directions.generate` are bu
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from tqdm.auto import tqdm
 
-from .models import DiffusionModel
+if TYPE_CHECKING:  # sampling needs no import of the models package: models.embedded uses sampling, not the reverse
+    from .models import DiffusionModel
 
 SAMPLERS = ("ddim", "flow", "lcm")
 

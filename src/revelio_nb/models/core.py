@@ -66,7 +66,9 @@ class DiffusionModel:
         The key of every cache that depends on the model (feature stores, SAEs, prompt latents)."""
         key = (self.dtype, id(self.scheduler), self.weights_digest)
         if self._fingerprint is None or self._fingerprint[0] != key:
-            sched = {k: v for k, v in dict(self.scheduler.config).items() if k != "_diffusers_version"}
+            # the config's own fields only ("_use_default_values" is a list built from a set: its order varies
+            # between processes; "_diffusers_version" does not change the numbers)
+            sched = {k: v for k, v in dict(self.scheduler.config).items() if not k.startswith("_")}
             blob = json.dumps({
                 "weights": self.weights_digest,
                 "scheduler": [type(self.scheduler).__name__, sched],

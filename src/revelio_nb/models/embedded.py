@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..paths import atomic_write_json, cache_dir, config_hash
+from ..sampling import sample, to_uint8
 from ..training import TrainConfig, train_denoiser
 from .core import DiffusionModel
 from .errors import ModelLoadError
@@ -278,7 +279,6 @@ def save_model_card(folder: Path, n_samples: int = 64, steps: int = 50, seed: in
     import matplotlib.pyplot as plt
 
     from ..plots import image_grid, loss_curve
-    from ..sampling import sample, to_uint8
 
     info = json.loads((folder / "embedded.json").read_text())
     fig = loss_curve(np.load(folder / "losses.npy"), title=f"{info['name']}: training loss")

@@ -12,7 +12,6 @@ in the token count). ``model_timestep`` is what the denoiser is called with (DDP
 from __future__ import annotations
 
 import inspect
-import logging
 import math
 from typing import Any
 
@@ -128,5 +127,4 @@ def noise_for_scheduler(scheduler: Any):
     name = type(scheduler).__name__ if not isinstance(scheduler, dict) else cfg.get("_class_name", "")
     if name in FLOW_SCHEDULERS or cfg.get("use_flow_sigmas") or cfg.get("prediction_type") == "flow_prediction":
         return FlowNoise(scheduler)
-    logging.getLogger("diffusers.configuration_utils").setLevel(logging.ERROR)
     return DDPMNoise(scheduler)

@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 
-from .base import Adapter
 from .unet import UNetAdapter
 
 LCM_DEFAULT_GUIDANCE = 8.5  # LatentConsistencyModelPipeline's default guidance_scale (w = 7.5)
@@ -94,5 +93,3 @@ class UNetCondAdapter(UNetAdapter):
             cond = {**cond, **self.guidance_cond(x.shape[0], None)}  # never run an LCM off-distribution
         return self.model.denoiser(x, t, **cond).sample[:, : x.shape[1]]
 
-
-Adapter  # re-export for type checkers
