@@ -394,11 +394,11 @@ def create_store(path: Path, cfg: ExtractionConfig, model: DiffusionModel, ds: I
         "model_id": model.model_id,
         "model_kind": model.kind,
         "weights_hash": model.weights_hash,
-        "noise": model.noise_record(cfg.timesteps, size),  # t -> alpha-bar or flow sigma, model timestep, prediction
         "dataset": ds.name,
         "class_names": ds.class_names,
         "split": cfg.split,
         "image_size": size,
+        "noise": model.noise_record(cfg.timesteps, size),  # t -> alpha-bar or flow sigma, model timestep, prediction
         "n_rows": n,
         "chunk_size": cfg.batch_size,
         "n_chunks": (n + cfg.batch_size - 1) // cfg.batch_size,
