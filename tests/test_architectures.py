@@ -430,6 +430,10 @@ def test_fingerprint_covers_scheduler_text_encoder_tokenizer_and_dtype(root, tmp
     assert load_model(str(vocab)).fingerprint != base
     half = load_model(str(src), dtype="bf16")
     assert half.fingerprint != base and half.weights_hash == half.fingerprint
+    import dataclasses
+
+    other = dataclasses.replace(model_of(root, "sd"), weights_hash="0" * 16)  # as the cache-key tests do
+    assert other.fingerprint == "0" * 16 and other.adapter.model is other
 
 
 def test_dtype_is_applied_while_loading_every_component(root):

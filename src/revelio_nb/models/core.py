@@ -33,23 +33,26 @@ class DiffusionModel:
     tokenizer_2: Any = None
     text_encoder_3: nn.Module | None = None
     tokenizer_3: Any = None
-    weights_digest: str = ""  # sha256 of every weight (denoiser, VAE, text encoders); see :attr:`fingerprint`
+    weights_hash: str = ""  # the model's identity (:attr:`fingerprint`); computed when not given
     class_names: list[str] | None = None
     folder: Path | None = None
     info: dict[str, Any] = field(default_factory=dict)
     pipeline_class: str = ""  # model_index.json's _class_name, when there is one
     adapter: Any = None
-    _noise: Any = None
-    _null_cond: dict[str, Any] | None = None
-    _fingerprint: tuple[Any, str] | None = None
+    weights_digest: str = ""  # sha256 of every weight (denoiser, VAE, text encoders); computed when not given
+    _noise: Any = field(default=None, init=False, repr=False)
+    _null_cond: dict[str, Any] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         from .adapters import adapter_for_family
 
-        if self.adapter is None:
-            self.adapter = adapter_for_family(self.kind)(self)
+        if self.adapter is None or getattr(self.adapter, "model", self) is not self:  # new, or dataclasses.replace
+            cls = adapter_for_family(self.kind) if self.adapter is None else type(self.adapter)
+            self.adapter = cls(self)
         if not self.weights_digest:
             self.weights_digest = weights_digest(*self.modules())
+        if not self.weights_hash:
+            self.weights_hash = self.compute_fingerprint()
 
     # -- identity
     def modules(self) -> list[nn.Module]:
@@ -63,25 +66,21 @@ class DiffusionModel:
     def fingerprint(self) -> str:
         """Everything that changes features: the weights of the denoiser, VAE and every text encoder, each
         tokenizer's vocabulary, the scheduler (class and config: betas, shift, prediction type) and the dtype.
-        The key of every cache that depends on the model (feature stores, SAEs, prompt latents)."""
-        key = (self.dtype, id(self.scheduler), self.weights_digest)
-        if self._fingerprint is None or self._fingerprint[0] != key:
-            # the config's own fields only ("_use_default_values" is a list built from a set: its order varies
-            # between processes; "_diffusers_version" does not change the numbers)
-            sched = {k: v for k, v in dict(self.scheduler.config).items() if not k.startswith("_")}
-            blob = json.dumps({
-                "weights": self.weights_digest,
-                "scheduler": [type(self.scheduler).__name__, sched],
-                "tokenizers": [tokenizer_digest(t) for t in self.tokenizers()],
-                "dtype": str(self.dtype),
-            }, sort_keys=True, default=str)
-            self._fingerprint = (key, hashlib.sha256(blob.encode()).hexdigest()[:16])
-        return self._fingerprint[1]
+        The key of every cache that depends on the model (feature stores, SAEs, prompt latents); the same value as
+        :attr:`weights_hash`, the name the feature-store manifests use."""
+        return self.weights_hash
 
-    @property
-    def weights_hash(self) -> str:
-        """Alias of :attr:`fingerprint` (the name the feature-store manifests use)."""
-        return self.fingerprint
+    def compute_fingerprint(self) -> str:
+        # the scheduler config's own fields only ("_use_default_values" is a list built from a set: its order
+        # varies between processes; "_diffusers_version" does not change the numbers)
+        sched = {k: v for k, v in dict(self.scheduler.config).items() if not k.startswith("_")}
+        blob = json.dumps({
+            "weights": self.weights_digest,
+            "scheduler": [type(self.scheduler).__name__, sched],
+            "tokenizers": [tokenizer_digest(t) for t in self.tokenizers()],
+            "dtype": str(self.dtype),
+        }, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     # -- geometry
     @property
@@ -302,8 +301,12 @@ class DiffusionModel:
         return self.adapter.predict(x_t, t, cond)
 
     def to(self, device=None, dtype=None) -> "DiffusionModel":
+        before = self.dtype
         for m in self.modules():
             m.to(device=device, dtype=dtype if m is self.denoiser else None)
+        if self.dtype != before:  # another dtype, other numbers: another identity
+            self.weights_digest = weights_digest(*self.modules())
+            self.weights_hash = self.compute_fingerprint()
         self._null_cond = None
         if hasattr(self.adapter, "reset"):
             self.adapter.reset()
