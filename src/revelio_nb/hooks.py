@@ -178,7 +178,7 @@ def list_blocks(model: DiffusionModel, image_size: int | None = None, max_depth:
     """Every hookable block with its type, captured output shape (the image stream as (C, h, w)) and execution
     order, for one input size. Blocks whose output holds no image stream (text-stream / conditioning modules of
     joint transformers, embeddings) have ``output_shape`` None and their raw shape in ``raw_shape``."""
-    size = model.check_image_size(image_size or model.native_image_size)
+    size = model.check_image_size(model.native_image_size if image_size is None else image_size)
     names = hookable_blocks(model.denoiser, max_depth)
     modules = dict(model.denoiser.named_modules())
     x = torch.zeros(model.latent_shape(1, size), device=model.device, dtype=model.dtype)

@@ -160,7 +160,9 @@ def sample(
     """
     if not isinstance(steps, int) or steps <= 0:
         raise ValueError(f"steps must be a positive integer, got {steps}")
-    size = model.check_image_size(image_size or model.native_image_size)
+    if n <= 0:
+        raise ValueError(f"n (the number of images) must be a positive integer, got {n}")
+    size = model.check_image_size(model.native_image_size if image_size is None else image_size)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(model.latent_shape(n, size), generator=g) if latents is None else latents.float().cpu()
     x = x.to(model.device, model.dtype)
