@@ -317,21 +317,21 @@ def test_stepwise_rho_finds_the_step_that_carries_the_attribute():
 def test_extra_neutral_pass_runs_only_at_capture_steps_and_keeps_each_step(sd_model, cache):
     prompts = ["a cat", "a red dog"]
     calls = []
-    orig = sd_model.denoise
+    orig = sd_model.predict  # the denoiser call of the package's one sampler loop
 
     def counting(x, t, cond):
         calls.append(len(x))
         return orig(x, t, cond)
 
     cfg = D.SampleConfig(n_seeds=2, steps=3, h_condition="neutral", capture_steps=[1, 2])
-    sd_model.denoise = counting
+    sd_model.predict = counting
     try:
         seen = []
         D.generate(sd_model, prompts, cfg, on_h=lambda p, i, hs: seen.append((i, sorted(hs))), progress=False)
         assert calls == [4, 8, 8]  # step 0: conditional pass only; steps 1, 2: both passes
         assert seen[0] == (0, ["prompt"]) and seen[-1] == (2, ["neutral", "prompt"])
     finally:
-        sd_model.denoise = orig
+        sd_model.predict = orig
     lat = D.prompt_latents(sd_model, prompts, cfg, keep_images=True, progress=False)
     assert lat.capture_steps == [1, 2] and lat.flat_steps.shape == (2, 2, lat.flat.shape[1])
     assert np.isnan(lat.pooled_steps[:, 0]).all() and np.isfinite(lat.pooled_steps[:, 1:]).all()

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from . import artifacts
 from .captions import ATTRIBUTES, attribute_prompt, neutral_prompt
-from .hooks import normalise_output, validate_blocks
+from .hooks import validate_blocks
 from .models import DiffusionModel
 from .paths import atomic_path, atomic_write_json
 
@@ -90,8 +90,8 @@ def _block_module(model: DiffusionModel, block: str) -> torch.nn.Module:
 
 
 def _as_direction(direction: Any, out: torch.Tensor) -> torch.Tensor:
-    """A direction shaped to add onto a block output: (C,) broadcast over space (or tokens), (C, h, w) or
-    (C*h*w,) spatial."""
+    """A direction shaped to add onto a block's image stream: (C,) broadcast over space (or tokens), (C, h, w) or
+    (C*h*w,) spatial (for tokens (B, N, D): the grid layout (D, h, w) flattened, put in token order)."""
     d = torch.as_tensor(np.asarray(direction) if not torch.is_tensor(direction) else direction)
     d = d.to(device=out.device, dtype=out.dtype)
     if out.ndim == 4:
@@ -100,23 +100,30 @@ def _as_direction(direction: Any, out: torch.Tensor) -> torch.Tensor:
             return d.reshape(1, c, 1, 1)
         if d.numel() == c * h * w:
             return d.reshape(1, c, h, w)
-    elif out.ndim == 3 and d.numel() == out.shape[-1]:  # transformer tokens (B, N, D)
-        return d.reshape(1, 1, -1)
+    elif out.ndim == 3:  # transformer tokens (B, N, D), row-major over the grid
+        n, dim = out.shape[1:]
+        if d.numel() == dim:
+            return d.reshape(1, 1, -1)
+        if d.numel() == n * dim:
+            return d.reshape(dim, n).transpose(0, 1).reshape(1, n, dim)
     raise ValueError(
         f"direction with {d.numel()} values does not fit a block output of shape {tuple(out.shape[1:])}: pass "
-        f"{out.shape[1]} (pooled) or {int(np.prod(out.shape[1:]))} (flattened) values"
+        f"{out.shape[1] if out.ndim == 4 else out.shape[-1]} (pooled) or {int(np.prod(out.shape[1:]))} (flattened) values"
     )
 
 
 class SteeringHook:
-    """Adds ``strength * direction`` to a block's output while registered (and while ``active``).
+    """Adds ``strength * direction`` to a block's **image stream** while registered (and while ``active``); the
+    text stream of joint (SD3 / FLUX) blocks is left untouched.
 
     >>> with SteeringHook(model, direction, strength=2.0):
     ...     images = sample(model, 8, prompts="a drawing of a cat")
     """
 
     def __init__(self, model: DiffusionModel, direction: Any, strength: float = 1.0, block: str = "mid_block"):
+        block = model.resolve_block(block) if hasattr(model, "resolve_block") else block
         self.module = _block_module(model, block)
+        self.model = model
         self.direction = direction
         self.strength = float(strength)
         self.block = block
@@ -126,12 +133,12 @@ class SteeringHook:
     def _hook(self, module, args, output):
         if not self.active or self.strength == 0.0:
             return None
-        if torch.is_tensor(output):
-            return output + self.strength * _as_direction(self.direction, output)
-        if isinstance(output, tuple) and output and torch.is_tensor(output[0]):
-            first = output[0] + self.strength * _as_direction(self.direction, output[0])
-            return (first, *output[1:])
-        raise TypeError(f"cannot steer block {self.block!r}: it returns {type(output).__name__}")
+        adapter = self.model.adapter
+        stream = adapter.image_stream(self.block, module, output)
+        if stream is None:
+            raise TypeError(f"cannot steer block {self.block!r}: it returns {type(output).__name__}")
+        new = stream + self.strength * _as_direction(self.direction, stream)
+        return adapter.with_image_stream(self.block, module, output, new)
 
     def __enter__(self) -> "SteeringHook":
         self._handle = self.module.register_forward_hook(self._hook)
@@ -152,27 +159,27 @@ def steering(model: DiffusionModel, direction: Any, strength: float = 1.0, block
         yield hook
 
 
-def _scheduler(model: DiffusionModel, steps: int):
-    from diffusers import DDIMScheduler
+def _scheduler(model: DiffusionModel, steps: int, size: int | None = None):
+    """The model family's sampler (:class:`revelio_nb.sampling.Sampler`) for ``steps`` steps; ``.timesteps``."""
+    from .sampling import Sampler
 
-    sched = DDIMScheduler.from_config(model.scheduler.config, clip_sample=model.vae is None, set_alpha_to_one=True)
-    sched.set_timesteps(steps)
-    return sched
+    hw = model.latent_shape(1, size or model.native_image_size)[-2:]
+    return Sampler(model, steps, latent_hw=hw)
 
 
 def step_index(model: DiffusionModel, steps: int, t: int) -> int:
-    """The DDIM step (0 = pure noise) whose timestep is closest to ``t``, e.g. to read h of sampled prompts at the
-    timestep of the caption map (``SampleConfig(capture_steps=[step_index(m, steps, t_map)])``)."""
-    ts = np.asarray(_scheduler(model, steps).timesteps)
-    return int(np.argmin(np.abs(ts - model.check_timestep(t))))
+    """The sampler step (0 = pure noise) whose noise level is closest to that of user timestep ``t``, e.g. to read
+    h of sampled prompts at the timestep of the caption map (``SampleConfig(capture_steps=[step_index(m, steps, t_map)])``)."""
+    sampler = _scheduler(model, steps)
+    ts = np.asarray([float(v) for v in sampler.timesteps])
+    hw = model.latent_shape(1, model.native_image_size)[-2:]
+    return int(np.argmin(np.abs(ts - float(model.model_timestep(t, hw)))))
 
 
 def _start_noise(model: DiffusionModel, n_seeds: int, seed: int, size: int) -> torch.Tensor:
     """The same starting noise :func:`revelio_nb.sampling.sample` draws for ``n=n_seeds, seed=seed``."""
     g = torch.Generator().manual_seed(seed)
-    c = model.denoiser.config.in_channels
-    side = size // model.vae_factor
-    return torch.randn((n_seeds, c, side, side), generator=g)
+    return torch.randn(model.latent_shape(n_seeds, size), generator=g)
 
 
 def _cat_cond(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -194,67 +201,81 @@ def generate(
     progress: bool = True,
     desc: str = "sample",
 ) -> torch.Tensor:
-    """Sample every prompt with the same ``n_seeds`` starting noises (DDIM, eta=0, optional CFG).
+    """Sample every prompt with the same ``n_seeds`` starting noises, with the model family's sampler
+    (:func:`revelio_nb.sampling.denoise_loop`: DDIM eta=0 with optional CFG, flow Euler, or LCM).
 
     Returns images in [-1, 1], (len(prompts) * n_seeds, C, H, W), prompt-major. For one prompt this equals
     ``sampling.sample(model, n_seeds, prompts=p, seed=seed, steps=steps, guidance_scale=g)``.
-    ``on_h(prompt_index, step, hs)`` receives, at every step, ``hs = {"prompt": h}`` (the output of ``config.block``
-    in the conditional pass, (n_seeds, ...)) plus ``hs["neutral"]`` (the same block in the neutral-prompt pass on
-    the same x_t) whenever that pass runs: under CFG, or when ``h_condition`` asks for it (then it is an extra
-    pass that does not change the images, run only at ``capture_steps`` when they are given). ``steer`` (a
-    registered :class:`SteeringHook`) is switched on only at ``steer_steps`` if given; under CFG it is added in
-    both passes.
+    ``on_h(prompt_index, step, hs)`` receives, at every step, ``hs = {"prompt": h}`` (the image stream of
+    ``config.block`` in the conditional pass, as a map (n_seeds, C, h, w); ``"mid_block"`` on a transformer means its
+    h block) plus ``hs["neutral"]`` (the same block in the neutral-prompt pass on the same x_t) whenever that pass
+    runs: under CFG, or when ``h_condition`` asks for it (then it is an extra pass that does not change the images,
+    run only at ``capture_steps`` when they are given). ``steer`` (a registered :class:`SteeringHook`) is switched on
+    only at ``steer_steps`` if given; under CFG it is added in both passes. Models that take guidance as an input
+    (LCM, FLUX-dev) get ``guidance_scale`` there and run no CFG batch; an LCM's re-noising is seeded and paired
+    across prompts like the starting noise.
     """
+    from .hooks import image_stream_map
+    from .sampling import denoise_loop
+
     cfg = (config or SampleConfig()).validate()
-    if model.kind != "unet_cond":
+    if not getattr(model, "takes_prompts", False):
         raise ValueError(f"{model.model_id} ({model.kind}) is not text-conditioned; Decoding Diffusion needs prompts")
     prompts = list(prompts)
     if not prompts:
         raise ValueError("no prompts given")
     size = model.check_image_size(cfg.image_size or model.native_image_size)
     x0 = _start_noise(model, cfg.n_seeds, cfg.seed, size)
-    guided = cfg.guidance_scale != 1.0
+    guided = cfg.guidance_scale != 1.0 and model.adapter.uses_cfg()
     extra_neutral = not guided and on_h is not None and cfg.h_condition != "prompt"
     neutral_at = None if guided or cfg.capture_steps is None else set(cfg.capture_steps)
 
     def two_pass(step: int) -> bool:
         return guided or (extra_neutral and (neutral_at is None or step in neutral_at))
     per_chunk = max(1, cfg.batch_size // cfg.n_seeds)
-    module = _block_module(model, cfg.block) if on_h is not None else None
+    block = model.resolve_block(cfg.block)
+    module = _block_module(model, block) if on_h is not None else None
     out = []
     chunks = [prompts[i : i + per_chunk] for i in range(0, len(prompts), per_chunk)]
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress, leave=False)
     for ci, chunk in enumerate(chunks):
         first = ci * per_chunk
         n = len(chunk) * cfg.n_seeds
-        cond = model.conditioning(n, prompts=[p for p in chunk for _ in range(cfg.n_seeds)])
-        cond2 = _cat_cond(cond, model.conditioning(n)) if guided or extra_neutral else None
-        sched = _scheduler(model, cfg.steps)
+        cond = model.conditioning(n, prompts=[p for p in chunk for _ in range(cfg.n_seeds)], guidance=cfg.guidance_scale)
+        cond2 = _cat_cond(cond, model.conditioning(n, guidance=cfg.guidance_scale)) if guided or extra_neutral else None
         x = x0.repeat(len(chunk), 1, 1, 1).to(model.device, model.dtype)
+        hw = tuple(x.shape[-2:])
+        g = torch.Generator().manual_seed(cfg.seed)
+        torch.randn(x0.shape, generator=g)  # re-noising (LCM) continues the start-noise stream, as in sample()
+
+        def noise_fn(shape, g=g, k=len(chunk)):
+            return torch.randn((cfg.n_seeds, *shape[1:]), generator=g).repeat(k, *([1] * (len(shape) - 1)))
         captured: dict[str, torch.Tensor] = {}
         handle = None
         if module is not None:
-            def grab(mod, args, output):
-                h = normalise_output(output, tuple(x.shape[-2:])).detach()
+            def grab(mod, args, output, n=n, hw=hw):
+                h = image_stream_map(model, block, mod, output, hw).detach()
                 captured["prompt"] = h[:n]
                 if len(h) > n:
                     captured["neutral"] = h[n:]
             handle = module.register_forward_hook(grab)
+
+        def predict(i: int, t, x_t: torch.Tensor, cond=cond, cond2=cond2, first=first, chunk=chunk) -> torch.Tensor:
+            if steer is not None:
+                steer.active = steer_steps is None or i in steer_steps
+            both = two_pass(i)
+            eps = model.predict(torch.cat([x_t, x_t]) if both else x_t, t, cond2 if both else cond)
+            if both:
+                eps_c, eps_u = eps.chunk(2)
+                eps = eps_u + cfg.guidance_scale * (eps_c - eps_u) if guided else eps_c
+            if on_h is not None:
+                hs = {k: v.float().cpu() for k, v in captured.items()}
+                captured.clear()
+                for j in range(len(chunk)):
+                    on_h(first + j, i, {k: v[j * cfg.n_seeds : (j + 1) * cfg.n_seeds] for k, v in hs.items()})
+            return eps
         try:
-            for i, t in enumerate(sched.timesteps):
-                if steer is not None:
-                    steer.active = steer_steps is None or i in steer_steps
-                both = two_pass(i)
-                eps = model.denoise(torch.cat([x, x]) if both else x, int(t), cond2 if both else cond)
-                if both:
-                    eps_c, eps_u = eps.chunk(2)
-                    eps = eps_u + cfg.guidance_scale * (eps_c - eps_u) if guided else eps_c
-                if on_h is not None:
-                    hs = {k: v.float().cpu() for k, v in captured.items()}
-                    captured.clear()
-                    for j in range(len(chunk)):
-                        on_h(first + j, i, {k: v[j * cfg.n_seeds : (j + 1) * cfg.n_seeds] for k, v in hs.items()})
-                x = sched.step(eps, t, x, eta=0.0).prev_sample
+            x = denoise_loop(model, x, cfg.steps, predict, generator=g, noise_fn=noise_fn)
         finally:
             if handle is not None:
                 handle.remove()

@@ -362,8 +362,7 @@ class _Writer:
 
 
 def _probe_shapes(model: DiffusionModel, cfg: ExtractionConfig, size: int) -> dict[str, tuple[int, ...]]:
-    x = torch.zeros(1, model.denoiser.config.in_channels, size // model.vae_factor, size // model.vae_factor,
-                    device=model.device, dtype=model.dtype)
+    x = torch.zeros(model.latent_shape(1, size), device=model.device, dtype=model.dtype)
     with FeatureCapture(model, cfg.blocks) as cap:
         feats = cap.run(x, cfg.timesteps[0], _conditioning(model, cfg, 1))
     return {b: tuple(f.shape[1:]) for b, f in feats.items()}
@@ -403,6 +402,7 @@ def create_store(path: Path, cfg: ExtractionConfig, model: DiffusionModel, ds: I
         "class_names": ds.class_names,
         "split": cfg.split,
         "image_size": size,
+        "noise": model.noise_record(cfg.timesteps, size),  # t -> alpha-bar or flow sigma, model timestep, prediction
         "n_rows": n,
         "chunk_size": cfg.batch_size,
         "n_chunks": (n + cfg.batch_size - 1) // cfg.batch_size,

@@ -1,8 +1,10 @@
-"""Capture the outputs of any blocks of a UNet or DiT denoiser, with early exit.
+"""Capture the outputs of any blocks of a UNet or transformer denoiser, with early exit.
 
 Block names are module paths of the denoiser (``mid_block``, ``up_blocks.1``, ``transformer_blocks.3``,
-``down_blocks.0.resnets.1`` ...). Outputs are normalised to spatial maps (B, C, H, W): tuples give their first
-element, and transformer tokens (B, N, D) are put back on their grid as (B, D, h, w) with the right permute.
+``down_blocks.0.resnets.1`` ...). Each output is reduced to its **image stream** by the model's adapter (UNet
+blocks: the hidden states; joint SD3 / FLUX blocks: the image element of ``(text, image)``, never the text
+stream) and normalised to a spatial map (B, C, h, w): transformer tokens go back on the family's grid (patch size,
+FLUX 2x2 packing, non-square sizes) with the right permute.
 With ``early_exit`` the forward pass stops as soon as every requested block has fired, so asking for the
 bottleneck skips the whole decoder. Hooks are removed in a ``finally``, also when the forward raises.
 """
@@ -19,6 +21,8 @@ import torch
 import torch.nn as nn
 
 from .models import DiffusionModel
+from .models.adapters import first_tensor
+from .models.adapters import tokens_to_grid as _tokens_to_grid
 
 
 class BlockNotFoundError(ValueError):
@@ -60,39 +64,42 @@ def validate_blocks(denoiser: nn.Module, blocks: list[str] | tuple[str, ...] | s
     return blocks
 
 
-def _first_tensor(output: Any) -> torch.Tensor | None:
-    if torch.is_tensor(output):
-        return output
-    if isinstance(output, (tuple, list)) and output:
-        return _first_tensor(output[0])
-    if hasattr(output, "sample") and torch.is_tensor(output.sample):
-        return output.sample
-    if isinstance(output, dict) and output:
-        return _first_tensor(next(iter(output.values())))
-    return None
+_first_tensor = first_tensor
 
 
 def tokens_to_grid(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(B, N, D) tokens in row-major patch order -> (B, D, h, w) with h/w = height/width.
+    """(B, N, D) tokens in row-major patch order -> (B, D, h, w), the grid having the aspect height:width.
 
     Patchify flattens (B, D, h, w) as ``flatten(2).transpose(1, 2)``, so the inverse is
     ``reshape(B, h, w, D).permute(0, 3, 1, 2)`` (a bare ``reshape(B, D, h, w)`` would scramble channels and space).
+    Model-aware callers use :func:`image_stream_map`, which knows the family's exact grid.
     """
     b, n, d = tokens.shape
     h = int(round(math.sqrt(n * height / width)))
     w = n // max(h, 1)
     if h * w != n:
         raise ValueError(f"cannot put {n} tokens on a grid with aspect {height}:{width}")
-    return tokens.reshape(b, h, w, d).permute(0, 3, 1, 2)
+    return _tokens_to_grid(tokens, h, w)
 
 
 def normalise_output(output: Any, input_hw: tuple[int, int]) -> torch.Tensor | None:
-    t = _first_tensor(output)
+    """Model-agnostic normalisation (first tensor; tokens on a grid of the input's aspect). Prefer
+    :func:`image_stream_map`, which takes the image stream of joint blocks and the family's own grid."""
+    t = first_tensor(output)
     if t is None:
         return None
     if t.ndim == 3:  # transformer tokens
         return tokens_to_grid(t, *input_hw)
     return t
+
+
+def image_stream_map(model: DiffusionModel, block: str, module: nn.Module, output: Any,
+                     latent_hw: tuple[int, int]) -> torch.Tensor | None:
+    """The image stream of a block's output as a spatial map (B, C, h, w), per the model's adapter."""
+    t = model.adapter.image_stream(block, module, output)
+    if t is None:
+        return None
+    return model.adapter.to_grid(t, latent_hw)
 
 
 class FeatureCapture:
@@ -104,7 +111,8 @@ class FeatureCapture:
 
     def __init__(self, model: DiffusionModel, blocks: list[str] | str, early_exit: bool = True):
         self.model = model
-        self.blocks = validate_blocks(model.denoiser, blocks)
+        self.blocks = validate_blocks(model.denoiser, [model.resolve_block(b) for b in
+                                                       ([blocks] if isinstance(blocks, str) else blocks)])
         self.early_exit = early_exit
         self._handles: list[Any] = []
         self._store: dict[str, torch.Tensor] = {}
@@ -113,7 +121,7 @@ class FeatureCapture:
     def _make_hook(self, name: str):
         def hook(module, args, output):
             if name not in self._store:
-                t = normalise_output(output, self._input_hw)
+                t = image_stream_map(self.model, name, module, output, self._input_hw)
                 if t is None:
                     raise TypeError(f"block {name!r} returned {type(output).__name__}, which holds no tensor to capture")
                 self._store[name] = t.detach()
@@ -141,7 +149,8 @@ class FeatureCapture:
 
     @torch.no_grad()
     def run(self, x_t: torch.Tensor, t: int | torch.Tensor, cond: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
-        """One denoiser pass; returns the captured block outputs (stops early when allowed)."""
+        """One denoiser pass at user timestep ``t`` (0..N-1); returns the captured image streams as maps (stops
+        early when allowed)."""
         if not self._handles:
             raise RuntimeError("FeatureCapture.run outside its `with` block: hooks are not registered")
         self._store = {}
@@ -166,21 +175,29 @@ def capture(model: DiffusionModel, blocks: list[str] | str, early_exit: bool = T
 @torch.no_grad()
 def list_blocks(model: DiffusionModel, image_size: int | None = None, max_depth: int | None = 2,
                 timestep: int = 0) -> pd.DataFrame:
-    """Every hookable block with its type, captured output shape and execution order, for one input size."""
+    """Every hookable block with its type, captured output shape (the image stream as (C, h, w)) and execution
+    order, for one input size. Blocks whose output holds no image stream (text-stream / conditioning modules of
+    joint transformers, embeddings) have ``output_shape`` None and their raw shape in ``raw_shape``."""
     size = model.check_image_size(model.native_image_size if image_size is None else image_size)
     names = hookable_blocks(model.denoiser, max_depth)
     modules = dict(model.denoiser.named_modules())
-    x = torch.zeros(1, model.denoiser.config.in_channels, size // model.vae_factor, size // model.vae_factor,
-                    device=model.device, dtype=model.dtype)
+    x = torch.zeros(model.latent_shape(1, size), device=model.device, dtype=model.dtype)
     shapes: dict[str, tuple[int, ...] | None] = {}
+    raw: dict[str, Any] = {}
     order: dict[str, int] = {}
     hw = tuple(x.shape[-2:])
+
     def make(name):
         def hook(module, args, output):
-            if name not in shapes:
-                t = normalise_output(output, hw)
-                shapes[name] = tuple(t.shape[1:]) if t is not None else None
+            if name not in order:
                 order[name] = len(order)
+                t0 = first_tensor(output)
+                raw[name] = tuple(t0.shape[1:]) if t0 is not None else None
+                try:
+                    t = image_stream_map(model, name, module, output, hw)
+                    shapes[name] = tuple(t.shape[1:]) if t is not None else None
+                except (ValueError, TypeError):
+                    shapes[name] = None
         return hook
     handles = [modules[n].register_forward_hook(make(n)) for n in names]
     try:
@@ -191,7 +208,7 @@ def list_blocks(model: DiffusionModel, image_size: int | None = None, max_depth:
     rows = [
         {"block": n, "type": type(modules[n]).__name__, "depth": block_depth(n),
          "output_shape": shapes.get(n), "channels": shapes[n][0] if shapes.get(n) else None,
-         "exec_order": order.get(n)}
+         "raw_shape": raw.get(n), "exec_order": order.get(n)}
         for n in names
     ]
     return pd.DataFrame(rows)

@@ -407,37 +407,15 @@ def train_supervised_cnn(pixels: ProbeData, cfg: DiffCConfig | None = None, prog
 
 
 def random_init_model(name: str = "animals-unet", seed: int = 0) -> DiffusionModel:
-    """The architecture of embedded model ``name`` with seeded random weights and no training.
+    """The architecture of embedded model ``name`` with seeded random weights and no training
+    (:func:`revelio_nb.models.random_init_model`; ``load_model("random:<name>")`` gives the same)."""
+    from .models import ModelLoadError
+    from .models import random_init_model as _random_init
 
-    Returned as a :class:`DiffusionModel` with ``model_id="random:<name>"`` (seed in ``info``), so
-    ``extract_features(cfg, model=...)`` works on it exactly as on the trained model; its weights hash keys
-    the feature cache.
-    """
-    from .models import (EMBEDDED_MODELS, TEXT_MAX_LENGTH, _embedded_scheduler, build_denoiser, embedded_names,
-                         load_minilm, weights_hash)
-
-    if name.startswith("embedded:"):
-        name = name.split(":", 1)[1]
-    if name not in EMBEDDED_MODELS:
-        raise ProbeError(f"unknown embedded model {name!r}; valid: {embedded_names()}")
-    spec = copy.deepcopy(EMBEDDED_MODELS[name])
-    ds = load_dataset(spec.dataset, classes=spec.classes)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        denoiser = build_denoiser(spec, len(ds.class_names), ds.channels).eval()
-    denoiser.requires_grad_(False)
-    kind = "dit" if spec.arch == "dit" else ("unet_cond" if spec.conditioning == "text" else "unet")
-    text_encoder = tokenizer = None
-    spec_d = asdict(spec)
-    spec_d["train"]["steps"] = 0  # never trained (describe() and tables report 0 steps)
-    info = {"name": name, "spec": spec_d, "random_init_seed": int(seed), "class_names": ds.class_names,
-            "trained": False, "dataset": ds.name}
-    if spec.conditioning == "text":
-        text_encoder, tokenizer = load_minilm()
-        info.update(text_encoder="minilm", text_max_length=TEXT_MAX_LENGTH)
-    return DiffusionModel(model_id=f"random:{name}", kind=kind, denoiser=denoiser, scheduler=_embedded_scheduler(spec),
-                          text_encoder=text_encoder, tokenizer=tokenizer, weights_hash=weights_hash(denoiser),
-                          class_names=ds.class_names, info=info)
+    try:
+        return _random_init(name, seed=seed)
+    except ModelLoadError as e:
+        raise ProbeError(str(e)) from e
 
 
 # ------------------------------------------------------------------------------------------ experiments
@@ -445,12 +423,8 @@ def random_init_model(name: str = "animals-unet", seed: int = 0) -> DiffusionMod
 
 def main_blocks(model: DiffusionModel) -> list[str]:
     """The top-level blocks worth probing, in execution order: the UNet's down / mid / up blocks, or every
-    transformer block of a DiT."""
-    d = model.denoiser
-    if model.kind == "dit":
-        return [f"transformer_blocks.{i}" for i in range(len(d.transformer_blocks))]
-    return ([f"down_blocks.{i}" for i in range(len(d.down_blocks))] + ["mid_block"]
-            + [f"up_blocks.{i}" for i in range(len(d.up_blocks))])
+    transformer block (FLUX: double then single blocks); see the model's adapter."""
+    return list(model.main_blocks)
 
 
 def extract_splits(cfg: ExtractionConfig, model: DiffusionModel | None = None, dataset: ImageDataset | None = None,
