@@ -44,6 +44,10 @@ _SPARSIFY_KEYS = ("activation", "expansion_factor", "normalize_decoder", "num_la
 CPU_CHUNK_ELEMS = 1 << 23
 # ... except in the training step, whose buffer lives across steps: fewer, larger GEMMs (1 GiB of fp32 at most).
 TRAIN_CHUNK_ELEMS = 1 << 28
+# Threads for the training step's small and sparse operations (sort, gathers, CSR products; the GEMM, top-k, Adam
+# and renormalisation use all of torch's threads). On the 2-core project machine a second thread made them no
+# faster and, under load, much slower (each parallel region waits for its slowest thread); raise it on big CPUs.
+SPARSE_PHASE_THREADS = 1
 
 
 class SaeError(ValueError):
@@ -752,18 +756,18 @@ class SaeTrainStep:
             xc, model.encoder.weight.detach(), model.encoder.bias.detach(), model.k, dead_idx if num_dead else None,
             k_aux, workspace=self._ws)
         self._mark("encode")
-        x_hat = F.embedding_bag(top_idx, w_dec, mode="sum", per_sample_weights=top_acts)
-        e_hat = F.embedding_bag(aux_idx, w_dec, mode="sum", per_sample_weights=aux_acts) if num_dead else None
         with self._one_thread():
+            x_hat = F.embedding_bag(top_idx, w_dec, mode="sum", per_sample_weights=top_acts)
+            e_hat = F.embedding_bag(aux_idx, w_dec, mode="sum", per_sample_weights=aux_acts) if num_dead else None
             x_hat += b_dec
             e = xn - x_hat
-            total_var = (xn - xn.mean(0)).pow(2).sum()
-            fvu = e.pow(2).sum() / total_var
+            total_var = xn.var(0, correction=0).sum() * xn.shape[0]  # sum of squared deviations from the mean
+            fvu = torch.dot(e.view(-1), e.view(-1)) / total_var
             resid = None
             aux_scale = min(num_dead / (d // 2 or 1), 1.0)
             if num_dead:
                 resid = e_hat.sub_(e)
-                auxk = aux_scale * resid.pow(2).sum() / total_var
+                auxk = aux_scale * torch.dot(resid.view(-1), resid.view(-1)) / total_var
             else:
                 auxk = fvu.new_zeros(())
             self._saved = (xc, e, resid, aux_scale, total_var, top_acts, top_idx, aux_acts, aux_idx)
@@ -806,25 +810,24 @@ class SaeTrainStep:
             acts = acts.reshape(-1)[order]
             crow = torch.zeros(m + 1, dtype=torch.long, device=flat.device)
             torch.cumsum(torch.bincount(flat, minlength=m), 0, out=crow[1:])
-        self._mark("sort")
+            self._mark("sort")
 
-        # <W_dec[l], g_src[row]> for every pair: the gradient of the selected activation, and (weighted by it)
-        # the decoder gradient's component along its row
-        dots = _pair_dots(w_dec, lat, g_src, src_row)
-        self._mark("grad_acts")
-        with self._one_thread():
+            # <W_dec[l], g_src[row]> for every pair: the gradient of the selected activation, and (weighted by it)
+            # the decoder gradient's component along its row
+            dots = _pair_dots(w_dec, lat, g_src, src_row)
             g_pre = dots * (acts > 0)  # through the ReLU
             g_be.zero_().index_add_(0, lat, g_pre)
             if model.cfg.normalize_decoder:  # <g_W_dec[l], W_dec[l]> = sum over l's pairs of act * dot
                 par = self._ws.get("par", (m,), w_dec.dtype)
                 par.zero_().index_add_(0, lat, dots.mul_(acts))
-        # each weight gradient: one sparse (CSR) x dense product written straight into its buffer
-        _csr_matmul(crow, src_row, acts, g_src, out=g_wd)
-        self._mark("grad_w_dec")
-        _csr_matmul(crow, tok, g_pre, xc, out=g_we)
-        self._mark("grad_w_enc")
-        torch.sub(gy.sum(0), w_enc.t() @ g_be, out=g_bd)  # x - b_dec feeds the encoder
-        self._mark("grad_b_dec")
+            self._mark("grad_acts")
+            # each weight gradient: one sparse (CSR) x dense product written straight into its buffer
+            _csr_matmul(crow, src_row, acts, g_src, out=g_wd)
+            self._mark("grad_w_dec")
+            _csr_matmul(crow, tok, g_pre, xc, out=g_we)
+            self._mark("grad_w_enc")
+            torch.sub(gy.sum(0), w_enc.t() @ g_be, out=g_bd)  # x - b_dec feeds the encoder
+            self._mark("grad_b_dec")
         if model.cfg.normalize_decoder:  # remove the part parallel to the (unit) decoder rows
             g_wd.addcmul_(par.unsqueeze(1), w_dec, value=-1.0)
             self._mark("project")
@@ -854,12 +857,12 @@ class SaeTrainStep:
 
     @contextlib.contextmanager
     def _one_thread(self):
-        """Small operations run on one CPU thread: on a busy machine a parallel one waits for its slowest thread."""
+        """Run the small and the sparse, memory-bound operations on ``SPARSE_PHASE_THREADS`` CPU threads."""
         n = torch.get_num_threads()
-        if self.model.device.type != "cpu" or n == 1:
+        if self.model.device.type != "cpu" or n <= SPARSE_PHASE_THREADS:
             yield
             return
-        torch.set_num_threads(1)
+        torch.set_num_threads(SPARSE_PHASE_THREADS)
         try:
             yield
         finally:
