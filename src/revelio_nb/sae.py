@@ -178,11 +178,12 @@ def _topk(pre: Tensor, k: int, out: tuple[Tensor, Tensor]) -> None:
 
 def _encode_select(x: Tensor, weight: Tensor, bias: Tensor, k: int, aux_latents: Tensor | None, k_aux: int,
                    workspace: "_Workspace | None" = None):
-    """ReLU(x W^T + b) -> top-k (values, indices), plus the top-k_aux among ``aux_latents``; no [B, M] tensor kept.
+    """ReLU(x W^T + b) -> top-k (values, indices), plus the top-k_aux among ``aux_latents``; the [B, M]
+    pre-activations never leave this function.
 
     On CPU the GEMM runs on row chunks of at most ``CPU_CHUNK_ELEMS`` pre-activations written into one buffer;
-    ``workspace`` (the training step's) lends a buffer that lives across steps, with larger chunks, so no step
-    pays the page faults of a fresh one.
+    ``workspace`` (the training step's) lends a buffer that lives across steps, with chunks of up to
+    ``TRAIN_CHUNK_ELEMS`` (fewer, more efficient GEMMs), so no step pays the page faults of a fresh one.
     """
     b, m = x.shape[0], weight.shape[0]
     on_cpu = x.device.type == "cpu"
