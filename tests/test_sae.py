@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -17,6 +18,7 @@ from revelio_nb.sae import (
     SaeConfig,
     SaeError,
     SaeTrainingError,
+    SaeTrainStep,
     SparseAutoencoder,
     TrainConfig,
     batch_tokens,
@@ -68,11 +70,34 @@ def test_two_stage_topk_equals_topk(m, k):
     torch.manual_seed(0)
     pre = torch.randn(37, m)
     pre[:, ::5] = pre[:, ::5].round()  # ties
-    vals, idx = sae_mod._topk(pre, k)
+    vals, idx = torch.empty(37, k), torch.empty(37, k, dtype=torch.long)
+    sae_mod._topk(pre, k, out=(vals, idx))
     ref = pre.topk(k, dim=1).values
     assert torch.equal(vals.sort(1, descending=True).values, ref)
     assert torch.equal(pre.gather(1, idx), vals)
     assert all(len(set(row.tolist())) == k for row in idx)
+
+
+@pytest.mark.parametrize("workspace", [False, True])
+def test_encode_select_chunks_equal_topk_and_aux_among_dead(workspace, monkeypatch):
+    """Row chunks (several, last one short) and the training step's reused buffers give the exact top-k, and the
+    AuxK top-k only among dead latents, also when the number of dead latents changes between calls."""
+    monkeypatch.setattr(sae_mod, "CPU_CHUNK_ELEMS", 5 * 300)
+    monkeypatch.setattr(sae_mod, "TRAIN_CHUNK_ELEMS", 7 * 300)
+    torch.manual_seed(0)
+    x, w, b = torch.randn(37, 12), torch.randn(300, 12), torch.randn(300)
+    pre = torch.addmm(b, x, w.t())
+    ws = sae_mod._Workspace(torch.device("cpu")) if workspace else None
+    for n_dead, k_aux in ((40, 6), (90, 6), (20, 3)):
+        dead = torch.randperm(300)[:n_dead].sort().values
+        acts, idx, aux_acts, aux_idx = sae_mod._encode_select(x, w, b, 5, dead, k_aux, workspace=ws)
+        ref = pre.topk(5, dim=1).values.clamp_min(0)
+        torch.testing.assert_close(acts.sort(1, descending=True).values, ref)  # GEMM blocking: last-bit noise
+        torch.testing.assert_close(pre.gather(1, idx).clamp_min(0), acts)
+        ref_aux = pre[:, dead].topk(k_aux, dim=1).values.clamp_min(0)
+        torch.testing.assert_close(aux_acts.sort(1, descending=True).values, ref_aux)
+        assert torch.isin(aux_idx, dead).all()
+        torch.testing.assert_close(pre.gather(1, aux_idx).clamp_min(0), aux_acts)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -145,6 +170,96 @@ def test_decoder_rows_unit_norm_and_parallel_gradient_removed():
     # only the parallel part was removed
     par = (g * model.W_dec).sum(1, keepdim=True) * model.W_dec
     torch.testing.assert_close(model.W_dec.grad, g - par, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_csr_matmul_overwrites_its_buffer_and_pair_dots(dtype):
+    """The gradient kernels write every row of a reused buffer (empty rows as zeros, NaN garbage ignored) and the
+    pair dot products equal a gather + sum."""
+    torch.manual_seed(0)
+    dense = torch.randn(6, 5, dtype=dtype)
+    crow, col, vals = torch.tensor([0, 2, 2, 5, 5]), torch.tensor([0, 4, 1, 1, 5]), torch.tensor([1.0, 2, 3, 4, 5])
+    out = torch.full((4, 5), float("nan"), dtype=dtype)
+    sae_mod._csr_matmul(crow, col, vals, dense, out=out)
+    ref = torch.zeros(4, 5, dtype=dtype)
+    ref[0] = dense[0] + 2 * dense[4]
+    ref[2] = 3 * dense[1] + 4 * dense[1] + 5 * dense[5]
+    torch.testing.assert_close(out, ref)
+    table = torch.randn(9, 5, dtype=dtype)
+    rows, vec_rows = torch.tensor([3, 3, 0, 8]), torch.tensor([5, 0, 0, 2])
+    torch.testing.assert_close(sae_mod._pair_dots(table, rows, dense, vec_rows), (table[rows] * dense[vec_rows]).sum(1))
+
+
+def _reference_steps(model, xs, deads, lr, auxk_alpha, normalize):
+    """The textbook step on a copy: dense autograd, projection, torch.optim.Adam, renormalisation."""
+    ref = copy.deepcopy(model)
+    opt = torch.optim.Adam(ref.parameters(), lr=lr, eps=1e-8)
+    for x, dead in zip(xs, deads):
+        out = ref(x, dead_mask=dead, dense=True)
+        opt.zero_grad(set_to_none=True)
+        (out.fvu + auxk_alpha * out.auxk_loss).backward()
+        if normalize:
+            ref.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        if normalize:
+            ref.set_decoder_norm_to_unit_norm()
+    return ref, opt
+
+
+@pytest.mark.parametrize("normalize,fused", [(True, True), (True, False), (False, True)])
+def test_train_step_equals_dense_autograd_adam_reference(normalize, fused, monkeypatch):
+    """SaeTrainStep's hand-written sparse gradients, blockwise projection, Adam and renormalisation give the
+    parameters and Adam state of dense autograd + torch.optim.Adam, over several steps, with AuxK on some of them,
+    latents never selected (empty CSR rows) and a non-unit input scale."""
+    monkeypatch.setattr(sae_mod, "_FUSED_ADAM", fused)
+    torch.manual_seed(0)
+    dt = torch.float64
+    model = SparseAutoencoder(SaeConfig(d_in=24, num_latents=300, k=5, normalize_decoder=normalize), dtype=dt)
+    with torch.no_grad():
+        model.encoder.bias.normal_(-1.6, 0.1)  # some selected pre-activations are negative: the ReLU gradient
+        model.encoder.bias[:60] = -1e3  # latents 0-59 are never selected
+        model.b_dec.normal_(0, 0.1)
+    model.input_scale = 2.0
+    dead = torch.zeros(300, dtype=torch.bool)
+    dead[torch.randperm(240)[:70] + 60] = True
+    xs = [torch.randn(40, 24, dtype=dt) * 3 for _ in range(5)]
+    deads = [dead if i % 2 == 0 else None for i in range(5)]
+    ref, ref_opt = _reference_steps(model, xs, deads, lr=1e-2, auxk_alpha=0.5, normalize=normalize)
+    step = SaeTrainStep(model, lr=1e-2, eps=1e-8, auxk_alpha=0.5, dead_after=10**9)
+    auxk, zero_acts = [], []
+    for x, d in zip(xs, deads):
+        out = step.forward(x, dead_mask=d)
+        auxk.append(float(out.auxk_loss))
+        zero_acts.append(float((out.top_acts == 0).double().mean()))
+        step.update()
+    assert auxk[0] > 0 and auxk[1] == 0
+    assert 0 < min(zero_acts) and max(zero_acts) < 0.5
+    for (name, a), b in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+    assert not torch.equal(model.encoder.bias[60:], torch.zeros(240, dtype=dt))
+    ours, theirs = step.optimizer.state_dict()["state"], ref_opt.state_dict()["state"]
+    assert ours.keys() == theirs.keys()
+    for i in ours:
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(ours[i][key].to(theirs[i][key]), theirs[i][key], rtol=1e-9, atol=1e-15)
+    if normalize:
+        norms = model.W_dec.detach().norm(dim=1)
+        torch.testing.assert_close(norms, torch.ones_like(norms), rtol=0, atol=1e-12)
+
+
+def test_train_step_bookkeeping_and_errors():
+    torch.manual_seed(0)
+    model = SparseAutoencoder(SaeConfig(d_in=8, num_latents=64, k=3))
+    step = SaeTrainStep(model, lr=1e-3, dead_after=100)
+    with pytest.raises(SaeError, match="forward"):
+        step.update()
+    step.since_fired += 1000  # every latent dead: the AuxK path runs
+    out = step(torch.randn(30, 8))
+    assert out.num_dead == 64 and out.auxk_loss > 0
+    fired = torch.zeros(64, dtype=torch.bool)
+    fired[out.top_idx[out.top_acts > 0]] = True
+    assert fired.any()
+    assert torch.equal(step.since_fired, torch.where(fired, 0, 1030))
 
 
 def test_training_keeps_unit_decoder_rows_and_learns(tmp_path):
