@@ -1,22 +1,26 @@
 """One k-SAE per hookpoint (model, block, timestep): train, evaluate on held-out data, compute latent statistics.
 
 Each step is cached: the feature stores by :mod:`revelio_nb.features`, the SAE folder (sparsify layout) by a hash
-of the training store and the SAE config, and the latent statistics beside the SAE. The run's index,
-``<run_dir>/sae/hookpoints.csv``, is what the latent browser (:mod:`revelio_nb.widgets`) reads.
+of the training store and the SAE config, the latent statistics beside the SAE, and the latent taxonomy
+(:mod:`revelio_nb.taxonomy`: each latent's kind, from the same streamed pass over the sparse code) beside the
+statistics. The run's index, ``<run_dir>/sae/hookpoints.csv``, is what the latent browser (:mod:`revelio_nb.widgets`)
+reads.
 
 Columns of ``hookpoints.csv``: hookpoint, model, block, t, pooling, sae_dir, latents_dir, store_dir,
-embedding_store_dir, dataset, split, fvu, l0, dead_fraction, mean_purity, num_latents, k.
+embedding_store_dir, dataset, split, fvu, l0, dead_fraction, mean_purity, num_latents, k, taxonomy_path (the
+taxonomy table, empty when not computed) and the kind counts n_class, n_mixed, n_attribute, n_unexplained, n_dead.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from . import features, latents, sae
+from . import features, latents, sae, taxonomy
 from .data import ImageDataset, load_dataset
 from .models import DiffusionModel, load_model
 from .paths import cache_dir, config_hash, results_dir
@@ -43,6 +47,8 @@ class HookpointRun:
     seed: int = 0
     sae: sae.TrainConfig = field(default_factory=sae.TrainConfig)
     top_n: int = 16
+    taxonomy: taxonomy.TaxonomyConfig | None = field(default_factory=taxonomy.TaxonomyConfig)
+    """How each latent's kind is measured on the eval split (None: no taxonomy)."""
 
     def store_config(self, split: str, pooling: str | None = None) -> features.ExtractionConfig:
         return features.ExtractionConfig(
@@ -84,8 +90,9 @@ def train_hookpoint(run: HookpointRun, block: str, t: int, model: DiffusionModel
     else:
         stats = latents.latent_stats(model_sae, eval_features, eval_store.labels, top_n=run.top_n,
                                      image_index=eval_store.indices, class_names=eval_store.class_names,
-                                     progress=progress)
+                                     progress=progress, keep_scores=run.taxonomy is not None)
         stats.save(lat_dir)
+    tax_row = hookpoint_taxonomy(run, model_sae, eval_store, eval_features, dataset, lat_dir, stats.scores)
     embedding_store = eval_store
     if run.pooling == "none":  # the browser's 2-D view needs pooled vectors of the same images
         embedding_store = features.extract_features(run.store_config(run.eval_split, pooling="mean"), model=model,
@@ -98,8 +105,34 @@ def train_hookpoint(run: HookpointRun, block: str, t: int, model: DiffusionModel
         "fvu": metrics["fvu"], "l0": metrics["l0"], "dead_fraction": metrics["dead_fraction"],
         "mean_purity": float(np.nanmean(stats.table["purity"])) if "purity" in stats.table else np.nan,
         "num_latents": metrics["num_latents"], "k": metrics["k"], "n_eval_tokens": metrics["n_tokens"],
-        "_firing_frequency": metrics["firing_frequency"],
+        **tax_row, "_firing_frequency": metrics["firing_frequency"],
     }
+
+
+def taxonomy_dir(run: HookpointRun, lat_dir) -> Path:
+    """Where the taxonomy of a hookpoint's SAE is cached: beside its latent statistics, keyed by the config."""
+    return Path(lat_dir) / f"taxonomy-{config_hash(asdict(run.taxonomy.validate()))}"
+
+
+def hookpoint_taxonomy(run: HookpointRun, model_sae, eval_store, eval_features, dataset, lat_dir,
+                       scores: latents.ImageScores | None = None) -> dict:
+    """Compute (or load) the taxonomy of one hookpoint's SAE on the eval split; the index columns it adds.
+
+    ``scores``: the sparse image scores of the latent-statistics pass (encoded again only when that pass was
+    cached from an earlier run)."""
+    if run.taxonomy is None:
+        return {"taxonomy_path": ""}
+    folder = taxonomy_dir(run, lat_dir)
+    try:
+        tax = taxonomy.Taxonomy.load(folder)
+    except FileNotFoundError:
+        labels, index = taxonomy.store_image_rows(eval_store)
+        values = taxonomy.attribute_table(dataset, index, run.taxonomy.attributes)
+        tax = taxonomy.sae_taxonomy(model_sae, eval_features, labels, values, eval_store.class_names,
+                                    run.taxonomy, scores=scores)
+        tax.save(folder)
+    return {"taxonomy_path": str(folder / taxonomy.TABLE_FILE),
+            **{f"n_{k}": int(v) for k, v in tax.counts().items()}}
 
 
 def train_hookpoints(run: HookpointRun, hookpoints: list[tuple[str, int]], progress: bool = True) -> list[dict]:
