@@ -303,3 +303,46 @@ def test_png_gallery_and_standalone_page(demo, tmp_path):
         ptr = np.frombuffer(base64.b64decode(h["firing_ptr"]), "<i4")
         assert ptr[-1] == sum(min(len(d.firing_images(m)[0]), 1000) for m in range(d.num_latents))
     assert gallery.write_static_browser(tmp_path / "nothing") is None
+
+
+# ------------------------------------------------------------------------------------------- latent kinds
+def test_latent_kinds_sort_filter_and_stats_line(browser):
+    from revelio_nb.taxonomy import KINDS, Taxonomy
+
+    b = browser
+    b.hookpoint_dd.value = _label(b, spatial=False)
+    d = b.data
+    tax = Taxonomy.load(d.row["taxonomy_path"]).table
+    assert d.table["kind"].tolist() == tax["kind"].tolist()
+    assert {"kind", "attribute |rho|"} <= set(widgets.available_sorts(d.table))
+    assert b.kind_dd.options[0] == widgets.ALL_KINDS and not b.kind_dd.disabled
+    live_kinds = [k for k in b.kind_dd.options[1:] if k != "dead"]
+    assert live_kinds, "the demo SAE should have live latents of some kind"
+    b.dead_cb.value = True
+    for kind in live_kinds:
+        b.kind_dd.value = kind
+        expect = set(tax.loc[tax.kind == kind, "latent"])
+        assert set(b.order.tolist()) == expect and b.latent in expect
+        row = tax.set_index("latent").loc[b.latent]
+        assert f"kind: {kind}" in b.stats_text
+        if row["best_attribute"]:
+            assert f"best attribute {row['best_attribute']}" in b.stats_text
+    b.kind_dd.value = widgets.ALL_KINDS
+    b.sort_dd.value = "kind"  # kinds in taxonomy order, strongest first within a kind
+    ranks = [KINDS.index(k) for k in d.table.set_index("latent").loc[b.order, "kind"]]
+    assert ranks == sorted(ranks)
+    with pytest.raises(BrowserError, match="unknown kind"):
+        sort_latents(d.table, "frequency", kind="colourful")
+    with pytest.raises(BrowserError, match="no taxonomy"):
+        sort_latents(d.table.drop(columns="kind"), "frequency", kind="class")
+
+
+def test_static_page_carries_kinds_as_text(demo, tmp_path):
+    data, _ = gallery.load_all(demo, progress=False)
+    page = gallery.write_html(data[:1], tmp_path / "latents.html", top_n=4)
+    p = _payload(page)
+    h = p["hookpoints"][0]
+    assert h["table"]["kind"] == data[0].table["kind"].tolist()
+    assert set(p["kinds"]) == set(data[0].table["kind"]) and p["sortcols"]["kind"] == ["kind_rank", False]
+    text = page.read_text()
+    assert 'id="kind"' in text and "t.kind[i] !== kf" in text

@@ -78,7 +78,7 @@ def train_hookpoint(run: HookpointRun, block: str, t: int, model: DiffusionModel
     cfg.sae.hookpoint, cfg.sae.timestep, cfg.sae.model_id = block, int(t), run.model
     key = config_hash({"store": train_store.manifest["config"], "weights": train_store.manifest["weights_hash"],
                        "block": block, "t": int(t), "sae": asdict(cfg)})
-    slug = f"{run.model.replace('embedded:', '').replace('/', '_')[-32:]}-{block}-t{t}-{run.pooling}"
+    slug = f"{run.model.replace('embedded:', '').replace('/', '_').replace(':', '_')[-32:]}-{block}-t{t}-{run.pooling}"
     sae_dir = cache_dir("sae") / f"{slug}-{key}"
     model_sae = sae.train_sae(train_store.array(block, t), cfg, sae_dir, progress=progress)
 
@@ -135,10 +135,12 @@ def hookpoint_taxonomy(run: HookpointRun, model_sae, eval_store, eval_features, 
             **{f"n_{k}": int(v) for k, v in tax.counts().items()}}
 
 
-def train_hookpoints(run: HookpointRun, hookpoints: list[tuple[str, int]], progress: bool = True) -> list[dict]:
-    """:func:`train_hookpoint` for several (block, t) pairs sharing one model, dataset and stores."""
-    model = load_model(run.model, train_steps=run.train_steps)
-    dataset = load_dataset(run.dataset)
+def train_hookpoints(run: HookpointRun, hookpoints: list[tuple[str, int]], progress: bool = True,
+                     model: DiffusionModel | None = None, dataset: ImageDataset | None = None) -> list[dict]:
+    """:func:`train_hookpoint` for several (block, t) pairs sharing one model, dataset and stores (``model``: an
+    already loaded model, e.g. :func:`revelio_nb.probes.random_init_model`, instead of loading ``run.model``)."""
+    model = model or load_model(run.model, train_steps=run.train_steps)
+    dataset = dataset or load_dataset(run.dataset)
     return [train_hookpoint(run, b, int(t), model=model, dataset=dataset, progress=progress) for b, t in hookpoints]
 
 

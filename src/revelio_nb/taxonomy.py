@@ -54,7 +54,7 @@ from .paths import atomic_write_json, atomic_write_text, cache_dir, config_hash
 KINDS = ("class", "mixed", "attribute", "unexplained", "dead")
 KIND_COLORS = {"class": "#4c72b0", "mixed": "#8172b3", "attribute": "#dd8452", "unexplained": "#c8c8c8",
                "dead": "#404040"}
-TABLE_FILE, META_FILE = "taxonomy.csv", "meta.json"
+TABLE_FILE, META_FILE, NULL_FILE = "taxonomy.csv", "meta.json", "null.csv"
 
 
 class TaxonomyError(ValueError):
@@ -97,6 +97,8 @@ class Taxonomy:
 
     table: pd.DataFrame
     meta: dict[str, Any] = field(default_factory=dict)
+    null: pd.DataFrame | None = None
+    """The shuffled null's best scores per (shuffle, live latent) (:func:`null_scores`)."""
 
     def counts(self) -> pd.Series:
         return self.table["kind"].value_counts().reindex(list(KINDS), fill_value=0)
@@ -105,10 +107,12 @@ class Taxonomy:
         return self.counts() / max(len(self.table), 1)
 
     def save(self, folder: str | os.PathLike) -> Path:
-        """``taxonomy.csv`` then ``meta.json`` (both atomic; meta.json is the commit marker)."""
+        """``taxonomy.csv``, ``null.csv``, then ``meta.json`` (each atomic; meta.json is the commit marker)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(folder / TABLE_FILE, self.table.to_csv(index=False))
+        if self.null is not None:
+            atomic_write_text(folder / NULL_FILE, self.null.to_csv(index=False))
         atomic_write_json(folder / META_FILE, self.meta)
         return folder
 
@@ -123,7 +127,8 @@ class Taxonomy:
         for c in ("label", "best_class", "best_attribute", "attribute_group"):
             if c in table:
                 table[c] = table[c].fillna("").astype(str)
-        return cls(table, json.loads((folder / META_FILE).read_text()))
+        null = pd.read_csv(folder / NULL_FILE) if (folder / NULL_FILE).is_file() else None
+        return cls(table, json.loads((folder / META_FILE).read_text()), null)
 
 
 # ------------------------------------------------------------------------------------------------- scores
@@ -362,7 +367,7 @@ def latent_taxonomy(scores: ImageScores, labels: np.ndarray, values: pd.DataFram
                                          for c in ("class_auroc", "class_z", "attribute_rho")}
                                for q in (0.5, 0.9, 0.99)} if len(null) else {},
             "counts": {k: int(v) for k, v in table["kind"].value_counts().reindex(list(KINDS), fill_value=0).items()}}
-    return Taxonomy(table, meta)
+    return Taxonomy(table, meta, null)
 
 
 def attribute_table(dataset, indices: np.ndarray, names: Sequence[str] | None = None,
@@ -460,6 +465,17 @@ def kind_confusion(tax_a: Taxonomy, tax_b: Taxonomy, matching: pd.DataFrame) -> 
 
 
 # ------------------------------------------------------------------------------------------------- summaries
+def summarize(rows: Sequence[dict], **extra: Any) -> pd.DataFrame:
+    """:func:`summary_row` of each hookpoint row (from :func:`revelio_nb.hookpoints.train_hookpoint`, or the index),
+    with its hookpoint, block, t and a ``cell`` label "block @ t"."""
+    out = []
+    for r in rows:
+        tax = Taxonomy.load(r["taxonomy_path"])
+        out.append(summary_row(tax, hookpoint=r["hookpoint"], block=r["block"], t=int(r["t"]),
+                               cell=f"{r['block']} @ {int(r['t'])}", **extra))
+    return pd.DataFrame(out)
+
+
 def summary_row(tax: Taxonomy, **extra: Any) -> dict[str, Any]:
     """Counts and fractions of kinds (of all latents; shares of live latents for the attribute groups)."""
     t = tax.table
@@ -522,6 +538,37 @@ def plot_kinds(summary: pd.DataFrame, by: str = "hookpoint", title: str = "laten
         axes[1].set_xlim(0, max(0.05, float(left.max()) * 1.1))
         axes[1].legend(loc="lower center", bbox_to_anchor=(0.5, 1.06 if n < 4 else 1.02), ncol=len(attrs_mod.GROUPS),
                        fontsize=7, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_selectivity(taxes: dict[str, "Taxonomy"], title: str = ""):
+    """ECDFs of the live latents' class AUROC and |attribute rho| for each taxonomy (e.g. trained model vs
+    random-init model), with each one's shuffled null dashed and the thresholds of the first as vertical lines."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
+    colors = plt.get_cmap("tab10")
+    for i, (name, tax) in enumerate(taxes.items()):
+        live = tax.table[tax.table.kind != "dead"]
+        for ax, col, f in ((axes[0], "class_auroc", lambda x: x), (axes[1], "attribute_rho", np.abs)):
+            for data, ls, lab in ((live[col], "-", name), (None if tax.null is None else tax.null[col], "--",
+                                                           f"{name}: shuffled null")):
+                if data is None:
+                    continue
+                x = np.sort(f(data.dropna().to_numpy()))
+                if len(x):
+                    ax.plot(x, np.arange(1, len(x) + 1) / len(x), ls, color=colors(i), label=lab, lw=1.4)
+    thr = next(iter(taxes.values())).meta.get("thresholds", {}) if taxes else {}
+    for ax, key, xl in ((axes[0], "class_auroc", "best one-vs-rest AUROC"),
+                        (axes[1], "attribute_rho", "|within-class Spearman rho| of the best attribute")):
+        if key in thr:
+            ax.axvline(thr[key], color="k", lw=0.8)
+        ax.set_xlabel(xl)
+        ax.set_ylabel("fraction of live latents")
+    axes[1].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return fig
 
