@@ -626,12 +626,13 @@ PAPER_CLAIMS = (
 
 def claim_blocks(blocks: Sequence[str]) -> dict[str, str | None]:
     """Which block plays each role of the paper's claims in a UNet: bottleneck = ``mid_block``, middle up-block =
-    ``up_blocks.<n // 2>``, last up-block = ``up_blocks.<n - 1>`` (n = number of up blocks listed). Roles without a
-    block (a DiT) are None."""
-    ups = sorted((b for b in blocks if re.fullmatch(r"up_blocks\.\d+", b)), key=lambda b: int(b.split(".")[1]))
+    ``up_blocks.<n // 2>``, last up-block = ``up_blocks.<n - 1>``, with n = 1 + the highest up-block index listed
+    (so the last up block must be among ``blocks``). Roles without a block (a DiT) are None."""
+    ups = [int(b.split(".")[1]) for b in blocks if re.fullmatch(r"up_blocks\.\d+", b)]
+    n = max(ups) + 1 if ups else 0
     return {"bottleneck": "mid_block" if "mid_block" in blocks else None,
-            "middle up-block": ups[len(ups) // 2] if ups else None,
-            "last up-block": ups[-1] if ups else None}
+            "middle up-block": f"up_blocks.{n // 2}" if n else None,
+            "last up-block": f"up_blocks.{n - 1}" if n else None}
 
 
 def claim_table(summary: pd.DataFrame, null_summary: pd.DataFrame | None = None) -> pd.DataFrame:
