@@ -162,6 +162,11 @@ def test_matching_recovers_a_permuted_sae_and_its_taxonomy_is_stable():
     ta, tb = (T.sae_taxonomy(s, x, labels, values, cfg=cfg) for s in (a, b))
     st = T.stability(ta, tb, match)
     assert st["same_kind"] == 1.0 and st["same_label"] == 1.0 and st["mean_cosine"] == pytest.approx(1.0)
+    assert st["kappa"] == pytest.approx(1.0) and 0 < st["chance_kind"] < 1
+    # kinds paired at random agree only by chance: kappa near 0
+    shuffled = match.assign(latent_b=np.random.default_rng(1).permutation(match.latent_b.to_numpy()))
+    rnd = T.stability(ta, tb, shuffled)
+    assert rnd["kappa"] < 0.5 and rnd["same_kind"] < 1
     assert T.kind_confusion(ta, tb, match).to_numpy().trace() == a.num_latents
     # an unrelated SAE does not look stable
     other = T.match_latents(a, _sae(seed=7))

@@ -4,7 +4,8 @@ A sweep over k x expansion per hookpoint trains each SAE with two (or more) seed
 (:func:`revelio_nb.hookpoints.train_hookpoint`, so every SAE, its statistics and its taxonomy are cached like
 notebook 02's) and reports, on the held-out split: FVU, dead fraction, mean purity of the top images, the kinds of
 the first seed's latents, and **taxonomy stability** (the fraction of live latents whose Hungarian-matched latent
-in the other seed has the same kind, :func:`revelio_nb.taxonomy.stability`).
+in the other seed has the same kind, and Cohen's kappa, the same corrected for the agreement that the kind shares
+alone would give: :func:`revelio_nb.taxonomy.stability`).
 
 :func:`pick_regime` states the choice as a rule on those numbers (documented there), so the notebook can say
 whether the regime notebook 02 uses is the one the evidence picks.
@@ -39,9 +40,9 @@ class RegimeRule:
     """Reconstruction must explain at least 80 % of the held-out variance."""
     max_dead: float = 0.1
     """At most 10 % of the latents may never fire on the held-out split."""
-    stability_tolerance: float = 0.02
-    """Regimes within this much of the most stable one are equally good; the sparsest of them wins (smallest k /
-    d_in, then the smallest dictionary)."""
+    stability_tolerance: float = 0.05
+    """Regimes within this much kappa of the most stable one are equally good; the sparsest of them wins (smallest
+    k / d_in, then the smallest dictionary)."""
 
 
 @dataclass
@@ -113,7 +114,11 @@ def seed_stability(rows: Sequence[dict]) -> dict[str, float]:
         sae_b = sae.SparseAutoencoder.load(r["sae_dir"])
         match = taxonomy.match_latents(sae_a, sae_b)
         stats.append(taxonomy.stability(tax_a, taxonomy.Taxonomy.load(r["taxonomy_path"]), match))
-    return {k: float(np.nanmean([s[k] for s in stats])) for k in stats[0]}
+    def mean(values):
+        v = np.asarray(values, dtype=np.float64)
+        return float(v[np.isfinite(v)].mean()) if np.isfinite(v).any() else float("nan")
+
+    return {k: mean([s[k] for s in stats]) for k in stats[0]}
 
 
 def sweep_regimes(run: hp.HookpointRun, hookpoints: Sequence[tuple[str, int]], cfg: SweepConfig | None = None,
@@ -158,31 +163,33 @@ def pick_regime(sweep: pd.DataFrame, rule: RegimeRule | None = None) -> dict:
     """The regime the evidence picks, with the reason.
 
     Averaged over hookpoints: keep the regimes with FVU <= ``max_fvu`` and dead fraction <= ``max_dead``; among
-    them, those whose taxonomy stability (same_kind) is within ``stability_tolerance`` of the best; of those, the
-    sparsest (smallest k / d_in, then the smallest expansion). When no regime meets the FVU and dead limits, the
-    most stable one overall is returned and ``met_limits`` is False.
+    them, those whose taxonomy stability (kappa: kinds kept across seeds beyond chance) is within
+    ``stability_tolerance`` of the best; of those, the sparsest (smallest k / d_in, then the smallest expansion).
+    When no regime meets the FVU and dead limits, the most stable one overall is returned and ``met_limits`` is
+    False.
     """
     rule = rule or RegimeRule()
     if not len(sweep):
         raise RegimeError("empty sweep: nothing to pick from")
     agg = (sweep.groupby(["k", "expansion"]).agg(fvu=("fvu", "mean"), dead_fraction=("dead_fraction", "mean"),
-                                                  same_kind=("same_kind", "mean"), k_over_d=("k_over_d", "mean"),
+                                                  same_kind=("same_kind", "mean"), kappa=("kappa", "mean"),
+                                                  k_over_d=("k_over_d", "mean"),
                                                   mean_purity=("mean_purity", "mean"))
            .reset_index())
     ok = agg[(agg.fvu <= rule.max_fvu) & (agg.dead_fraction <= rule.max_dead)]
     met = len(ok) > 0
     pool = ok if met else agg
-    best = pool.same_kind.max()
-    near = pool[pool.same_kind >= best - rule.stability_tolerance].sort_values(["k_over_d", "expansion"])
+    best = pool.kappa.max()
+    near = pool[pool.kappa >= best - rule.stability_tolerance].sort_values(["k_over_d", "expansion"])
     r = near.iloc[0]
     why = (f"k={int(r.k)}, expansion {int(r.expansion)}: FVU {r.fvu:.3f}, dead {r.dead_fraction:.1%}, "
-           f"{r.same_kind:.0%} of live latents keep their kind with another seed "
-           + (f"(the most stable regimes with FVU <= {rule.max_fvu} and dead <= {rule.max_dead:.0%} reach "
-              f"{best:.0%}; this is the sparsest of those within {rule.stability_tolerance:.0%})" if met else
+           f"{r.same_kind:.0%} of live latents keep their kind with another seed (kappa {r.kappa:.2f}) "
+           + (f"(the most stable regime with FVU <= {rule.max_fvu} and dead <= {rule.max_dead:.0%} reaches kappa "
+              f"{best:.2f}; this is the sparsest within {rule.stability_tolerance:.2f} of it)" if met else
               f"(no regime meets FVU <= {rule.max_fvu} and dead <= {rule.max_dead:.0%}: the most stable overall)"))
     return {"k": int(r.k), "expansion": int(r.expansion), "fvu": float(r.fvu), "dead_fraction": float(r.dead_fraction),
-            "same_kind": float(r.same_kind), "k_over_d": float(r.k_over_d), "met_limits": met, "why": why,
-            "table": agg}
+            "same_kind": float(r.same_kind), "kappa": float(r.kappa), "k_over_d": float(r.k_over_d),
+            "met_limits": met, "why": why, "table": agg}
 
 
 def plot_sweep(sweep: pd.DataFrame, pick: dict | None = None):
@@ -192,8 +199,8 @@ def plot_sweep(sweep: pd.DataFrame, pick: dict | None = None):
     import seaborn as sns
 
     cols = [("fvu", "FVU (held-out)"), ("dead_fraction", "dead fraction"), ("mean_purity", "mean purity"),
-            ("same_kind", "kind kept across seeds")]
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
+            ("same_kind", "kind kept across seeds"), ("kappa", "kind kept beyond chance (kappa)")]
+    fig, axes = plt.subplots(1, len(cols), figsize=(4.2 * len(cols), 3.6))
     for ax, (col, title) in zip(axes, cols):
         sns.lineplot(data=sweep, x="k", y=col, hue="expansion", style="hookpoint", markers=True, dashes=False,
                      palette="viridis", ax=ax, legend=ax is axes[-1])

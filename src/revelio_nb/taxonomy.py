@@ -438,7 +438,10 @@ def match_latents(a, b) -> pd.DataFrame:
 def stability(tax_a: Taxonomy, tax_b: Taxonomy, matching: pd.DataFrame) -> dict[str, float]:
     """How much of taxonomy ``a`` survives in ``b`` (another seed), over the latents live in ``a``: the fraction
     whose matched latent has the same kind (``same_kind``), the same kind and label (``same_label``: class name
-    or attribute and sign), the mean matched decoder cosine (all latents and live ones)."""
+    or attribute and sign), the mean matched decoder cosine (all latents and live ones), and ``chance_kind``, the
+    agreement expected if kinds were paired at random with the same kind shares (sum over kinds of the product of
+    the two shares), with Cohen's ``kappa`` = (same_kind - chance_kind) / (1 - chance_kind): 0 = no better than
+    chance, 1 = every kind kept. ``keep_<kind>``: the fraction of ``a``'s latents of that kind that keep it."""
     a = tax_a.table.set_index("latent")
     b = tax_b.table.set_index("latent")
     m = matching.assign(kind_a=a.loc[matching.latent_a, "kind"].to_numpy(),
@@ -450,6 +453,14 @@ def stability(tax_a: Taxonomy, tax_b: Taxonomy, matching: pd.DataFrame) -> dict[
            "same_label": float(((live.kind_a == live.kind_b) & (live.label_a == live.label_b)).mean())
            if len(live) else np.nan,
            "mean_cosine": float(m.cosine.mean()), "mean_cosine_live": float(live.cosine.mean()) if len(live) else np.nan}
+    if len(live):
+        pa = live.kind_a.value_counts(normalize=True)
+        pb = live.kind_b.value_counts(normalize=True)
+        chance = float(sum(pa.get(k, 0.0) * pb.get(k, 0.0) for k in KINDS))
+        out["chance_kind"] = chance
+        out["kappa"] = (out["same_kind"] - chance) / (1 - chance) if chance < 1 else np.nan
+    else:
+        out["chance_kind"] = out["kappa"] = np.nan
     for k in KINDS[:-1]:
         sel = live[live.kind_a == k]
         out[f"keep_{k}"] = float((sel.kind_b == k).mean()) if len(sel) else np.nan
