@@ -400,7 +400,7 @@ def store_image_rows(store) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(store.labels, dtype=np.int64), np.asarray(store.indices, dtype=np.int64)
 
 
-def sae_taxonomy(model, features, labels: np.ndarray, images_values: pd.DataFrame, class_names=None,
+def sae_taxonomy(model, features, labels: np.ndarray, values: pd.DataFrame, class_names=None,
                  cfg: TaxonomyConfig | None = None, scores: ImageScores | None = None,
                  thresholds: dict[str, float] | None = None) -> Taxonomy:
     """:func:`latent_taxonomy` of an SAE on held-out ``features`` (array / store array; one image per row, or
@@ -408,7 +408,7 @@ def sae_taxonomy(model, features, labels: np.ndarray, images_values: pd.DataFram
     from .latents import image_scores
 
     scores = scores if scores is not None else image_scores(model, features)
-    return latent_taxonomy(scores, labels, images_values, class_names, cfg, thresholds)
+    return latent_taxonomy(scores, labels, values, class_names, cfg, thresholds)
 
 
 # ------------------------------------------------------------------------------------------------- stability
@@ -717,9 +717,11 @@ def finding_paragraph(claims: pd.DataFrame, summary: pd.DataFrame, stab: pd.Data
             continue
         parts.append(f"Claim '{r['claim']}' at t={r['t']}: {r['verdict']} ({r['why']}).")
     if stab is not None and len(stab):
-        parts.append(f"With a second SAE seed, {stab['same_kind'].mean():.0%} of live latents keep their kind "
-                     f"({stab['same_label'].mean():.0%} kind and label; mean matched decoder cosine "
-                     f"{stab['mean_cosine_live'].mean():.2f}).")
+        chance = (f", where random pairing with the same kind shares gives {stab['chance_kind'].mean():.0%} "
+                  f"(Cohen's kappa {stab['kappa'].mean():.2f})") if "kappa" in stab else ""
+        parts.append(f"With a second SAE seed, {stab['same_kind'].mean():.0%} of live latents keep their kind"
+                     f"{chance}; {stab['same_label'].mean():.0%} keep kind and label; mean matched decoder cosine "
+                     f"{stab['mean_cosine_live'].mean():.2f}.")
     return " ".join(parts)
 
 
