@@ -158,8 +158,9 @@ def test_matching_recovers_a_permuted_sae_and_its_taxonomy_is_stable():
     labels = rng.integers(0, 3, 300)
     x[:, 0] += 2.0 * (labels == 1)
     values = pd.DataFrame({"size": x[:, 1] + 0.3 * rng.normal(size=300)})
-    cfg = T.TaxonomyConfig(n_shuffles=2)
+    cfg = T.TaxonomyConfig(n_shuffles=2, min_class_auroc=0.6, min_attribute_rho=0.1)  # several kinds
     ta, tb = (T.sae_taxonomy(s, x, labels, values, cfg=cfg) for s in (a, b))
+    assert ta.table.kind.nunique() >= 2
     st = T.stability(ta, tb, match)
     assert st["same_kind"] == 1.0 and st["same_label"] == 1.0 and st["mean_cosine"] == pytest.approx(1.0)
     assert st["kappa"] == pytest.approx(1.0) and 0 < st["chance_kind"] < 1
