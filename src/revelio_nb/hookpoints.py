@@ -1,26 +1,26 @@
 """One k-SAE per hookpoint (model, block, timestep): train, evaluate on held-out data, compute latent statistics.
 
 Each step is cached: the feature stores by :mod:`revelio_nb.features`, the SAE folder (sparsify layout) by a hash
-of the training store and the SAE config, the latent statistics beside the SAE, and the latent taxonomy
-(:mod:`revelio_nb.taxonomy`: each latent's kind, from the same streamed pass over the sparse code) beside the
-statistics. The run's index, ``<run_dir>/sae/hookpoints.csv``, is what the latent browser (:mod:`revelio_nb.widgets`)
-reads.
+of the training store and the SAE config, and the latent statistics beside the SAE. The run's index,
+``<run_dir>/sae/hookpoints.csv``, is what the latent browser (:mod:`revelio_nb.widgets`) reads.
 
 Columns of ``hookpoints.csv``: hookpoint, model, block, t, pooling, sae_dir, latents_dir, store_dir,
 embedding_store_dir, dataset, split, fvu, l0, dead_fraction, mean_purity, num_latents, k, taxonomy_path (the
 taxonomy table, empty when not computed) and the kind counts n_class, n_mixed, n_attribute, n_unexplained, n_dead.
+
+The latent taxonomy (:mod:`revelio_nb.taxonomy`: each latent's kind on the eval split) is cached beside the latent
+statistics, in ``taxonomy-<hash of its config>/``.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from . import features, latents, sae, taxonomy
+from . import features, latents, sae
 from .data import ImageDataset, load_dataset
 from .models import DiffusionModel, load_model
 from .paths import cache_dir, config_hash, results_dir
@@ -47,8 +47,9 @@ class HookpointRun:
     seed: int = 0
     sae: sae.TrainConfig = field(default_factory=sae.TrainConfig)
     top_n: int = 16
-    taxonomy: taxonomy.TaxonomyConfig | None = field(default_factory=taxonomy.TaxonomyConfig)
-    """How each latent's kind is measured on the eval split (None: no taxonomy)."""
+    taxonomy: "TaxonomyConfig | None" = field(default_factory=lambda: _taxonomy_config())
+    """How each latent's kind is measured on the eval split (:class:`revelio_nb.taxonomy.TaxonomyConfig`; None: no
+    taxonomy)."""
 
     def store_config(self, split: str, pooling: str | None = None) -> features.ExtractionConfig:
         return features.ExtractionConfig(
@@ -78,7 +79,7 @@ def train_hookpoint(run: HookpointRun, block: str, t: int, model: DiffusionModel
     cfg.sae.hookpoint, cfg.sae.timestep, cfg.sae.model_id = block, int(t), run.model
     key = config_hash({"store": train_store.manifest["config"], "weights": train_store.manifest["weights_hash"],
                        "block": block, "t": int(t), "sae": asdict(cfg)})
-    slug = f"{run.model.replace('embedded:', '').replace('/', '_').replace(':', '_')[-32:]}-{block}-t{t}-{run.pooling}"
+    slug = f"{run.model.replace('embedded:', '').replace('/', '_')[-32:]}-{block}-t{t}-{run.pooling}"
     sae_dir = cache_dir("sae") / f"{slug}-{key}"
     model_sae = sae.train_sae(train_store.array(block, t), cfg, sae_dir, progress=progress)
 
@@ -90,9 +91,8 @@ def train_hookpoint(run: HookpointRun, block: str, t: int, model: DiffusionModel
     else:
         stats = latents.latent_stats(model_sae, eval_features, eval_store.labels, top_n=run.top_n,
                                      image_index=eval_store.indices, class_names=eval_store.class_names,
-                                     progress=progress, keep_scores=run.taxonomy is not None)
+                                     progress=progress)
         stats.save(lat_dir)
-    tax_row = hookpoint_taxonomy(run, model_sae, eval_store, eval_features, dataset, lat_dir, stats.scores)
     embedding_store = eval_store
     if run.pooling == "none":  # the browser's 2-D view needs pooled vectors of the same images
         embedding_store = features.extract_features(run.store_config(run.eval_split, pooling="mean"), model=model,
@@ -105,12 +105,24 @@ def train_hookpoint(run: HookpointRun, block: str, t: int, model: DiffusionModel
         "fvu": metrics["fvu"], "l0": metrics["l0"], "dead_fraction": metrics["dead_fraction"],
         "mean_purity": float(np.nanmean(stats.table["purity"])) if "purity" in stats.table else np.nan,
         "num_latents": metrics["num_latents"], "k": metrics["k"], "n_eval_tokens": metrics["n_tokens"],
-        **tax_row, "_firing_frequency": metrics["firing_frequency"],
+        **hookpoint_taxonomy(run, model_sae, eval_store, eval_features, dataset, lat_dir, stats.scores),
+        "_firing_frequency": metrics["firing_frequency"],
     }
 
 
-def taxonomy_dir(run: HookpointRun, lat_dir) -> Path:
+def _taxonomy_config():
+    from .taxonomy import TaxonomyConfig
+
+    return TaxonomyConfig()
+
+
+def taxonomy_dir(run: HookpointRun, lat_dir):
     """Where the taxonomy of a hookpoint's SAE is cached: beside its latent statistics, keyed by the config."""
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from .paths import config_hash
+
     return Path(lat_dir) / f"taxonomy-{config_hash(asdict(run.taxonomy.validate()))}"
 
 
@@ -118,8 +130,10 @@ def hookpoint_taxonomy(run: HookpointRun, model_sae, eval_store, eval_features, 
                        scores: latents.ImageScores | None = None) -> dict:
     """Compute (or load) the taxonomy of one hookpoint's SAE on the eval split; the index columns it adds.
 
-    ``scores``: the sparse image scores of the latent-statistics pass (encoded again only when that pass was
-    cached from an earlier run)."""
+    ``scores``: the sparse image scores of the latent-statistics pass when it kept them
+    (``latent_stats(..., keep_scores=True)``); otherwise the eval split is encoded again (about a second)."""
+    from . import taxonomy
+
     if run.taxonomy is None:
         return {"taxonomy_path": ""}
     folder = taxonomy_dir(run, lat_dir)
