@@ -1017,6 +1017,19 @@ def _tiny_unet(folder: Path, seed: int) -> Path:
     return folder
 
 
+def _demo_taxonomy(sae, arr, store, dataset: str, folder: Path) -> str:
+    """The demo SAE's latent taxonomy (:mod:`revelio_nb.taxonomy`), computed once; the path of its table."""
+    from .data import load_dataset
+    from .taxonomy import TABLE_FILE, Taxonomy, TaxonomyConfig, attribute_table, sae_taxonomy
+
+    try:
+        Taxonomy.load(folder)
+    except FileNotFoundError:
+        values = attribute_table(load_dataset(dataset), store.indices)
+        sae_taxonomy(sae, arr, store.labels, values, store.class_names, TaxonomyConfig(n_shuffles=3)).save(folder)
+    return str(folder / TABLE_FILE)
+
+
 def demo_run(run_dir: str | os.PathLike, *, dataset: str = "animal-mnist", split: str = "test",
              max_images: int = 300, blocks: Sequence[str] = ("mid_block", "up_blocks.0"), t: int = 25,
              spatial_block: str | None = "mid_block", expansion: int = 4, k: int = 4, sae_steps: int = 150,
@@ -1069,19 +1082,12 @@ def demo_run(run_dir: str | os.PathLike, *, dataset: str = "animal-mnist", split
             stats = latent_stats(sae, arr, st.labels, top_n=top_n, image_index=st.indices,
                                  class_names=st.class_names, progress=progress)
             stats.save(lat_dir)
-        tax_dir = lat_dir / "taxonomy"
-        if not (tax_dir / "meta.json").is_file():
-            from .data import load_dataset
-            from .taxonomy import TaxonomyConfig, attribute_table, sae_taxonomy
-
-            values = attribute_table(load_dataset(dataset), st.indices)
-            sae_taxonomy(sae, arr, st.labels, values, st.class_names, TaxonomyConfig(n_shuffles=3)).save(tax_dir)
         rows.append({"hookpoint": f"demo-tiny-unet · {block} · t={t}" + (" · spatial" if pooling == "none" else ""),
                      "model": "demo-tiny-unet", "block": block, "t": t, "pooling": pooling,
                      "sae_dir": str(run_dir / "sae" / name / "sae"), "latents_dir": str(lat_dir),
                      "store_dir": str(st.path), "dataset": dataset, "split": split,
                      "embedding_store_dir": "" if pooling == "mean" else str(pooled.path),
-                     "taxonomy_path": str(tax_dir / "taxonomy.csv")})
+                     "taxonomy_path": _demo_taxonomy(sae, arr, st, dataset, lat_dir / "taxonomy")})
     (run_dir / "sae").mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(hookpoints_path(run_dir), index=False)
     done.write_text(json.dumps(params))
