@@ -33,6 +33,10 @@ def test_pick_follows_the_rule():
         regime.pick_regime(sweep.iloc[:0])
     with pytest.raises(regime.RegimeError, match="two distinct seeds"):
         regime.SweepConfig(seeds=[0, 0]).validate()
+    assert regime.SweepConfig(ks=[4, 8], expansions=[2]).regimes() == [(4, 2), (8, 2)]
+    assert regime.SweepConfig(pairs=[[16, 4], [8, 2]]).regimes() == [(16, 4), (8, 2)]
+    with pytest.raises(regime.RegimeError, match="pairs"):
+        regime.SweepConfig(pairs=[(0, 2)]).validate()
 
 
 def test_tiny_sweep_and_stability_through_the_pipeline(tiny_unet_path):

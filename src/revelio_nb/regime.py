@@ -14,7 +14,6 @@ whether the regime notebook 02 uses is the one the evidence picks.
 from __future__ import annotations
 
 import copy
-import itertools
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -47,15 +46,25 @@ class RegimeRule:
 
 @dataclass
 class SweepConfig:
+    """The regimes to train: every k x expansion, or the explicit (k, expansion) ``pairs`` when given."""
+
     ks: list[int] = field(default_factory=lambda: [4, 8, 16, 32])
     expansions: list[int] = field(default_factory=lambda: [2, 4, 8])
     seeds: list[int] = field(default_factory=lambda: [0, 1])
+    pairs: list[tuple[int, int]] | None = None
+
+    def regimes(self) -> list[tuple[int, int]]:
+        if self.pairs is not None:
+            return [(int(k), int(e)) for k, e in self.pairs]
+        return [(int(k), int(e)) for k in self.ks for e in self.expansions]
 
     def validate(self) -> "SweepConfig":
         if not self.ks or min(self.ks) < 1:
             raise RegimeError(f"ks must be positive integers, got {self.ks}")
         if not self.expansions or min(self.expansions) < 1:
             raise RegimeError(f"expansions must be positive integers, got {self.expansions}")
+        if self.pairs is not None and (not self.pairs or min(min(p) for p in self.pairs) < 1):
+            raise RegimeError(f"pairs must be (k, expansion) pairs of positive integers, got {self.pairs}")
         if len(set(self.seeds)) < 2:
             raise RegimeError(f"stability needs at least two distinct seeds, got {self.seeds}")
         return self
@@ -134,7 +143,7 @@ def sweep_regimes(run: hp.HookpointRun, hookpoints: Sequence[tuple[str, int]], c
     cfg = (cfg or SweepConfig()).validate()
     model = load_model(run.model, train_steps=run.train_steps)
     dataset = load_dataset(run.dataset)
-    jobs = list(itertools.product([(b, int(t)) for b, t in hookpoints], cfg.ks, cfg.expansions))
+    jobs = [(h, k, e) for h in [(b, int(t)) for b, t in hookpoints] for k, e in cfg.regimes()]
     out = []
     for (block, t), k, e in tqdm(jobs, desc="SAE regimes", disable=not progress):
         rows = []
