@@ -19,12 +19,21 @@ def test_index_written_and_cached(tiny_unet_path, tmp_path):
     assert set(hp.INDEX_COLUMNS) <= set(saved.columns) and len(saved) == 2
     assert saved.block.tolist() == ["mid_block", "up_blocks.0"] and saved.t.tolist() == [10, 100]
     assert (saved.split == "test").all() and (saved.dead_fraction.between(0, 1)).all()
+    # the taxonomy of every SAE is cached beside its latent statistics and pointed to by the index
+    from revelio_nb.taxonomy import KINDS, Taxonomy
+    for _, r in saved.iterrows():
+        tax = Taxonomy.load(r.taxonomy_path)
+        assert len(tax.table) == r.num_latents and sum(r[f"n_{k}"] for k in KINDS) == r.num_latents
+        assert tax.table.kind.isin(KINDS).all() and tax.meta["n_images"] == 40
+        assert r.taxonomy_path.startswith(r.latents_dir)
+        assert "size" in tax.meta["attributes"] and (tax.table.kind == "dead").sum() == round(r.dead_fraction * r.num_latents)
     sae_file = rows[0]["sae_dir"] + "/sae.safetensors"
     import os
     before = os.stat(sae_file).st_mtime_ns
     again = hp.train_hookpoints(run, [("mid_block", 10)], progress=False)
     assert again[0]["sae_dir"] == rows[0]["sae_dir"] and os.stat(sae_file).st_mtime_ns == before  # not retrained
     assert again[0]["fvu"] == pytest.approx(rows[0]["fvu"])
+    assert again[0]["taxonomy_path"] == rows[0]["taxonomy_path"] and again[0]["n_dead"] == rows[0]["n_dead"]
     merged = hp.write_index(tmp_path / "run", again)  # same label replaces, others kept
     assert len(merged) == 2 and len(table) == 2
 

@@ -58,3 +58,29 @@ def test_cli_updates_readme(tmp_path, capsys):
     readme.write_text("no markers")
     assert report.main(["--run", str(run), "--readme", str(readme)]) == 1
     assert "exactly one" in capsys.readouterr().err
+
+
+def test_taxonomy_paragraph_and_table_come_from_notebook_07_tables(tmp_path):
+    from revelio_nb import taxonomy as T
+
+    run = tmp_path / "tx"
+    t = run / "tables"
+    t.mkdir(parents=True)
+    rows = []
+    for block, cls, pose, tex in [("mid_block", 0.1, 0.3, 0.2), ("up_blocks.1", 0.4, 0.1, 0.1),
+                                  ("up_blocks.2", 0.2, 0.0, 0.15)]:
+        rows.append({"cell": f"{block} @ 25", "block": block, "t": 25, "n_live": 100, "live_share_class": cls,
+                     "live_share_pose": pose, "live_share_colour": 0.0, "live_share_texture": tex,
+                     **{f"n_{k}": 20 for k in T.KINDS}, **{f"frac_{k}": 0.2 for k in T.KINDS}})
+    kinds = pd.DataFrame(rows)
+    kinds.to_csv(t / "07_taxonomy_kinds.csv", index=False)
+    T.claim_table(kinds).to_csv(t / "07_taxonomy_claims.csv", index=False)
+    pd.DataFrame([{"cell": "mid_block @ 25", "same_kind": 0.61, "same_label": 0.5,
+                   "mean_cosine_live": 0.8}]).to_csv(t / "07_taxonomy_stability.csv", index=False)
+    md = report.run_markdown(run)
+    assert "Latent taxonomy (notebook 07" in md
+    assert "Claim 'bottleneck: pose / camera view' at t=25: holds" in md
+    assert "Claim 'middle up-block: fine-grained class' at t=25: holds" in md
+    assert "Claim 'last up-block: colour / texture' at t=25: does not hold" in md
+    assert "| mid_block @ 25 | 100 | 20% | 20% | 20% | 20% | 20% | 61% |" in md
+    assert "| up_blocks.2 @ 25 | 100 |" in md and md.count("n/a |") == 2

@@ -30,11 +30,14 @@ import pandas as pd
 
 from .paths import atomic_write_text
 from .plots import save_table, savefig
+from .taxonomy import KINDS
 from .widgets import (SORTS, BrowserError, HookpointData, allowed_roots, available_sorts, class_colors, compose_image,
                       display_image, heat_lut, load_hookpoint, read_hookpoints, slugify, sort_latents)
 
 TABLE_COLUMNS = ("latent", "freq_images", "freq_tokens", "mean_act", "max_act", "purity", "majority_label",
-                 "best_auroc", "best_auroc_label", "n_top", "dead")
+                 "best_auroc", "best_auroc_label", "n_top", "dead", "kind_rank", "attribute_rho", "attribute_rho_abs",
+                 "kind", "kind_label", "best_attribute")
+TEXT_COLUMNS = ("kind", "kind_label", "best_attribute")  # strings: shown with textContent only
 
 
 def _rows(hookpoints: pd.DataFrame | None, run_dir, extra_roots: Sequence = ()) -> list[dict]:
@@ -120,6 +123,8 @@ def gallery_figure(d: HookpointData, latents: Sequence[int], n_images: int = 8, 
             info += f"\npurity {row['purity']:.2f}"
         if "best_auroc" in row and pd.notna(row["best_auroc"]):
             info += f"\nAUROC {row['best_auroc']:.2f} {row.get('best_auroc_class', '') or ''}"
+        if row.get("kind"):
+            info += f"\n{row['kind']}" + (f": {row['kind_label']}" if row.get("kind_label") else "")
         texts.append((-8, y0 + cell_px / 2, info, "right"))
     ax.imshow(canvas, interpolation="nearest")
     for x, y, s, ha in texts:
@@ -217,6 +222,8 @@ def hookpoint_payload(d: HookpointData, sprite_slot: dict[int, int], top_n: int 
             table[c] = [int(v) if pd.notna(v) else -1 for v in t[c]]
         elif c == "dead":
             table[c] = [bool(v) for v in t[c]]
+        elif c in TEXT_COLUMNS:
+            table[c] = ["" if pd.isna(v) else str(v) for v in t[c]]
         else:
             table[c] = [_json_num(v) for v in t[c]]
     out = {"label": d.label, "model": str(d.row["model"]), "block": str(d.row["block"]), "t": int(d.row["t"]),
@@ -275,7 +282,9 @@ def write_html(data: Sequence[HookpointData], path: str | os.PathLike, top_n: in
     order = {d.label: i for i, d in enumerate(data)}
     hps.sort(key=lambda h: order[h["label"]])
     payload = {"title": title, "created": time.strftime("%Y-%m-%d %H:%M"), "embedding": embedding.upper(),
-               "sorts": list(SORTS), "sprites": sprites, "hookpoints": hps, "lut": _b64(heat_lut(), "u1")}
+               "sorts": list(SORTS), "sortcols": {k: [c, bool(desc)] for k, (c, desc) in SORTS.items()},
+               "kinds": [k for k in KINDS if any(k in h["table"].get("kind", []) for h in hps)],
+               "sprites": sprites, "hookpoints": hps, "lut": _b64(heat_lut(), "u1")}
     page = render_page(payload, title)
     atomic_write_text(path, page)
     return path
@@ -333,7 +342,7 @@ const $ = id => document.getElementById(id);
 function el(tag, cls, text) { const e = document.createElement(tag); if (cls) e.className = cls; if (text !== undefined) e.textContent = text; return e; }
 function dec(s, T) { const b = atob(s); const u = new Uint8Array(b.length); for (let i = 0; i < b.length; i++) u[i] = b.charCodeAt(i); return new T(u.buffer); }
 const LUT = dec(D.lut, Uint8Array);
-const SORTCOL = {"frequency": ["freq_images", true], "purity": ["purity", true], "max activation": ["max_act", true], "AUROC": ["best_auroc", true], "index": ["latent", false]};
+const SORTCOL = D.sortcols;
 const sprites = Object.create(null);
 const spriteKeys = Object.keys(D.sprites);
 let ready = 0;
@@ -354,8 +363,8 @@ function fmt(v, d) { return (v === null || v === undefined || Number.isNaN(v)) ?
 function pct(v, d) { return (v === null || v === undefined) ? "n/a" : (100 * v).toFixed(d) + "%"; }
 function className(h, i) { const n = h.class_names[i]; return typeof n === "string" ? n : String(i); }
 function sortOrder(x) {
-  const t = x.h.table, [col, desc] = SORTCOL[$("sort").value], hide = $("hidedead").checked;
-  const ids = []; for (let i = 0; i < x.h.num_latents; i++) if (!(hide && t.dead && t.dead[i])) ids.push(i);
+  const t = x.h.table, [col, desc] = SORTCOL[$("sort").value], hide = $("hidedead").checked, kf = $("kind").value;
+  const ids = []; for (let i = 0; i < x.h.num_latents; i++) if (!(hide && t.dead && t.dead[i]) && !(kf && t.kind && t.kind[i] !== kf)) ids.push(i);
   const key = i => { const v = t[col] ? t[col][i] : null; return (v === null || v === undefined) ? (desc ? -Infinity : Infinity) : v; };
   ids.sort((a, b) => { const ka = key(a), kb = key(b); if (ka !== kb) return desc ? kb - ka : ka - kb; return a - b; });
   return ids;
@@ -368,6 +377,9 @@ function init() {
   if (hash.has("hp") && +hash.get("hp") < D.hookpoints.length) $("hp").value = hash.get("hp");
   $("hp").addEventListener("change", () => selectHp(null));
   $("sort").addEventListener("change", () => reorder(cur));
+  for (const k of D.kinds) $("kind").appendChild(el("option", null, k));
+  $("kind").disabled = !D.kinds.length;
+  $("kind").addEventListener("change", () => reorder(cur));
   $("hidedead").addEventListener("change", () => reorder(cur));
   $("heat").addEventListener("change", () => render());
   $("slider").addEventListener("input", () => render());
@@ -431,7 +443,7 @@ function render() {
   const x = hp(+$("hp").value), h = x.h, t = h.table;
   if (!order.length) {
     const dead = t.dead ? t.dead.filter(v => v).length : 0;
-    $("msg").textContent = `no latents to show: all ${dead} of ${h.num_latents} latents are dead; untick 'hide dead latents'`;
+    $("msg").textContent = $("kind").value ? `no ${$("kind").value} latents here (kind filter)` : `no latents to show: all ${dead} of ${h.num_latents} latents are dead; untick 'hide dead latents'`;
     $("stats").textContent = ""; $("main").classList.add("empty"); cur = null; S.latent = null; S.images = []; return;
   }
   $("main").classList.remove("empty"); $("msg").textContent = h.notes.join("; ");
@@ -442,6 +454,7 @@ function render() {
   let s = `latent #${lat} · rank ${pos + 1}/${order.length} · fires on ${pct(g("freq_images"), 1)} of images (${pct(g("freq_tokens"), 2)} of tokens) · mean act ${fmt(g("mean_act"), 3)} · max act ${fmt(g("max_act"), 3)}`;
   if (t.purity) s += ` · purity ${g("purity") === null ? "n/a" : g("purity").toFixed(2)}` + (maj !== null && maj >= 0 ? ` (majority: ${className(h, maj)})` : "");
   if (t.best_auroc) s += ` · best AUROC ${g("best_auroc") === null ? "n/a" : g("best_auroc").toFixed(3)}` + (auc !== null && auc >= 0 && g("best_auroc") !== null ? ` (${className(h, auc)})` : "");
+  if (t.kind && g("kind")) s += ` · kind: ${g("kind")}` + (g("kind_label") ? ` (${g("kind_label")})` : "") + (g("best_attribute") ? ` · best attribute ${g("best_attribute")} (within-class rho ${fmt(g("attribute_rho"), 2)})` : "");
   s += g("dead") ? " · DEAD (never fires)" : " · alive";
   $("stats").textContent = s;
   const heat = $("heat").checked && h.spatial, cells = $("grid").children, shown = [];
@@ -493,6 +506,7 @@ _PAGE = """<!DOCTYPE html>
 <div class="row">
  <label>hookpoint <select id="hp"></select></label>
  <label>sort by <select id="sort"></select></label>
+ <label>kind <select id="kind"><option value="">all kinds</option></select></label>
  <label><input type="checkbox" id="hidedead" checked> hide dead latents</label>
  <label><input type="checkbox" id="heat" checked> heatmap overlay</label>
 </div>

@@ -6,7 +6,11 @@ of the training store's key and the SAE config, and the latent statistics beside
 ``<run_dir>/sae/hookpoints.csv``, is what the latent browser (:mod:`revelio_nb.widgets`) reads.
 
 Columns of ``hookpoints.csv``: hookpoint, model, block, t, pooling, sae_dir, latents_dir, store_dir,
-embedding_store_dir, dataset, split, fvu, l0, dead_fraction, mean_purity, num_latents, k.
+embedding_store_dir, dataset, split, fvu, l0, dead_fraction, mean_purity, num_latents, k, taxonomy_path (the
+taxonomy table, empty when not computed) and the kind counts n_class, n_mixed, n_attribute, n_unexplained, n_dead.
+
+The latent taxonomy (:mod:`revelio_nb.taxonomy`: each latent's kind on the eval split) is cached beside the latent
+statistics, in ``taxonomy-<hash of its config>/``.
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ class HookpointRun:
     seed: int = 0
     sae: sae.TrainConfig = field(default_factory=sae.TrainConfig)
     top_n: int = 16
+    taxonomy: "TaxonomyConfig | None" = field(default_factory=lambda: _taxonomy_config())
+    """How each latent's kind is measured on the eval split (:class:`revelio_nb.taxonomy.TaxonomyConfig`; None: no
+    taxonomy)."""
 
     def store_config(self, split: str, pooling: str | None = None) -> features.ExtractionConfig:
         return features.ExtractionConfig(
@@ -93,14 +100,56 @@ def train_hookpoint(run: HookpointRun, block: str, t: int, model: DiffusionModel
         "fvu": metrics["fvu"], "l0": metrics["l0"], "dead_fraction": metrics["dead_fraction"],
         "mean_purity": float(np.nanmean(stats.table["purity"])) if "purity" in stats.table else np.nan,
         "num_latents": metrics["num_latents"], "k": metrics["k"], "n_eval_tokens": metrics["n_tokens"],
+        **hookpoint_taxonomy(run, model_sae, eval_store, eval_features, dataset, lat_dir, stats.scores),
         "_firing_frequency": metrics["firing_frequency"],
     }
 
 
-def train_hookpoints(run: HookpointRun, hookpoints: list[tuple[str, int]], progress: bool = True) -> list[dict]:
-    """:func:`train_hookpoint` for several (block, t) pairs sharing one model, dataset and stores."""
-    model = load_model(run.model, train_steps=run.train_steps)
-    dataset = load_dataset(run.dataset)
+def _taxonomy_config():
+    from .taxonomy import TaxonomyConfig
+
+    return TaxonomyConfig()
+
+
+def taxonomy_dir(run: HookpointRun, lat_dir):
+    """Where the taxonomy of a hookpoint's SAE is cached: beside its latent statistics, keyed by the config."""
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from .paths import config_hash
+
+    return Path(lat_dir) / f"taxonomy-{config_hash(asdict(run.taxonomy.validate()))}"
+
+
+def hookpoint_taxonomy(run: HookpointRun, model_sae, eval_store, eval_features, dataset, lat_dir,
+                       scores: latents.ImageScores | None = None) -> dict:
+    """Compute (or load) the taxonomy of one hookpoint's SAE on the eval split; the index columns it adds.
+
+    ``scores``: the sparse image scores of the latent-statistics pass when it kept them
+    (``latent_stats(..., keep_scores=True)``); otherwise the eval split is encoded again (about a second)."""
+    from . import taxonomy
+
+    if run.taxonomy is None:
+        return {"taxonomy_path": ""}
+    folder = taxonomy_dir(run, lat_dir)
+    try:
+        tax = taxonomy.Taxonomy.load(folder)
+    except FileNotFoundError:
+        labels, index = taxonomy.store_image_rows(eval_store)
+        values = taxonomy.attribute_table(dataset, index, run.taxonomy.attributes)
+        tax = taxonomy.sae_taxonomy(model_sae, eval_features, labels, values, eval_store.class_names,
+                                    run.taxonomy, scores=scores)
+        tax.save(folder)
+    return {"taxonomy_path": str(folder / taxonomy.TABLE_FILE),
+            **{f"n_{k}": int(v) for k, v in tax.counts().items()}}
+
+
+def train_hookpoints(run: HookpointRun, hookpoints: list[tuple[str, int]], progress: bool = True,
+                     model: DiffusionModel | None = None, dataset: ImageDataset | None = None) -> list[dict]:
+    """:func:`train_hookpoint` for several (block, t) pairs sharing one model, dataset and stores (``model``: an
+    already loaded model, e.g. :func:`revelio_nb.probes.random_init_model`, instead of loading ``run.model``)."""
+    model = model or load_model(run.model, train_steps=run.train_steps)
+    dataset = dataset or load_dataset(run.dataset)
     return [train_hookpoint(run, b, int(t), model=model, dataset=dataset, progress=progress) for b, t in hookpoints]
 
 

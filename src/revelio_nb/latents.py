@@ -33,6 +33,69 @@ from .sae import ArraySource, SparseAutoencoder, as_source
 
 
 @dataclass
+class ImageScores:
+    """Every latent's non-zero image scores from the sparse code, grouped by latent (CSR layout).
+
+    Latent ``m`` fires on images ``images[indptr[m]:indptr[m + 1]]`` with scores ``values[...]`` (> 0, descending);
+    every other image scores 0. Images are positions 0..n_images-1 in the source's image order (row ``i`` of a
+    pooled store; image ``i`` of a spatial one), not dataset indices. Memory: 12 bytes per non-zero score.
+    """
+
+    indptr: np.ndarray
+    """[M + 1] int64."""
+    images: np.ndarray
+    """[nnz] int64 image positions."""
+    values: np.ndarray
+    """[nnz] float32 scores."""
+    n_images: int
+
+    @property
+    def num_latents(self) -> int:
+        return len(self.indptr) - 1
+
+    @property
+    def counts(self) -> np.ndarray:
+        """[M] number of images each latent fires on."""
+        return np.diff(self.indptr)
+
+    def latent_ids(self) -> np.ndarray:
+        """[nnz] the latent of each entry."""
+        return np.repeat(np.arange(self.num_latents), self.counts)
+
+    def dense(self) -> np.ndarray:
+        """[n_images, M] float32 scores (small problems and tests only)."""
+        out = np.zeros((self.n_images, self.num_latents), dtype=np.float32)
+        out[self.images, self.latent_ids()] = self.values
+        return out
+
+    @classmethod
+    def from_dense(cls, scores: np.ndarray) -> "ImageScores":
+        """From a dense [n_images, M] score matrix (zeros = not firing; negative scores are not allowed)."""
+        d = np.asarray(scores, dtype=np.float32)
+        if d.ndim != 2 or (d < 0).any():
+            raise ValueError(f"scores must be a non-negative [n_images, M] matrix, got shape {d.shape}")
+        lat, img = np.nonzero(d.T)
+        val = d[img, lat]
+        order = np.lexsort((-val, lat))
+        counts = np.bincount(lat, minlength=d.shape[1])
+        return cls(np.r_[0, np.cumsum(counts)].astype(np.int64), img[order].astype(np.int64), val[order], d.shape[0])
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """One ``.npz`` (no pickle), written atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, indptr=self.indptr, images=self.images, values=self.values, n_images=np.int64(self.n_images))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ImageScores":
+        with np.load(path, allow_pickle=False) as z:
+            return cls(z["indptr"], z["images"], z["values"], int(z["n_images"]))
+
+
+@dataclass
 class LatentStats:
     """Per-latent tables. Arrays are indexed [latent, rank]; missing ranks have row -1 and value 0."""
 
@@ -50,6 +113,8 @@ class LatentStats:
     maps: np.ndarray | None = None
     """[M, N, H, W] float16 per-position activations of each top image (spatial SAEs)."""
     meta: dict[str, Any] = field(default_factory=dict)
+    scores: ImageScores | None = None
+    """Every non-zero image score (``latent_stats(..., keep_scores=True)``); not part of :meth:`save`."""
 
     @property
     def num_latents(self) -> int:
@@ -352,7 +417,7 @@ class _Entries:
 def latent_stats(model: SparseAutoencoder, source, labels=None, *, top_n: int = 16, image_index=None,
                  class_names: Sequence[str] | None = None, batch_size: int = 8192, maps: bool = True,
                  max_map_bytes: int = 1 << 30, progress: bool = False, max_entries: int = 1 << 20,
-                 spill_dir: str | os.PathLike | None = None) -> LatentStats:
+                 spill_dir: str | os.PathLike | None = None, keep_scores: bool = False) -> LatentStats:
     """Statistics of every latent over all images of ``source`` (an :class:`ArraySource` or feature array).
 
     ``labels``: int labels aligned with the feature array's rows (e.g. ``store.labels``). ``image_index``: maps
@@ -362,6 +427,9 @@ def latent_stats(model: SparseAutoencoder, source, labels=None, *, top_n: int = 
     Memory does not grow with the number of images: beyond ``max_entries`` non-zero (image, latent) scores (16
     bytes each), they are spilled to a temporary folder (in ``spill_dir``, default the system's) and processed one
     range of latents at a time (about 130 bytes of RAM per entry of a range).
+
+    ``keep_scores``: also return every non-zero image score (:class:`ImageScores`, ``stats.scores``; 12 bytes per
+    entry kept in memory), for analyses such as :mod:`revelio_nb.taxonomy` without a second pass over the SAE.
     """
     source = as_source(source)
     if source.d_in != model.d_in:
@@ -384,13 +452,14 @@ def latent_stats(model: SparseAutoencoder, source, labels=None, *, top_n: int = 
     try:
         return _latent_stats(model, source, labels, img_labels, n_cls, entries, top_n=top_n, image_index=image_index,
                              class_names=class_names, batch_size=batch_size, maps=maps, max_map_bytes=max_map_bytes,
-                             progress=progress)
+                             progress=progress, keep_scores=keep_scores)
     finally:
         entries.close()
 
 
 def _latent_stats(model, source: ArraySource, labels, img_labels, n_cls: int, entries: _Entries, *, top_n,
-                  image_index, class_names, batch_size, maps, max_map_bytes, progress) -> LatentStats:
+                  image_index, class_names, batch_size, maps, max_map_bytes, progress,
+                  keep_scores: bool = False) -> LatentStats:
     m, hw = model.num_latents, source.positions
     n_img = len(source.rows)
     count = torch.zeros(m, dtype=torch.float64)
@@ -420,6 +489,7 @@ def _latent_stats(model, source: ArraySource, labels, img_labels, n_cls: int, en
     top_values = np.zeros((m, top_n), dtype=np.float32)
     auc = np.full((m, n_cls), np.nan) if labels is not None else None
     kept = []  # (latent, rank, image) of every top entry
+    score_parts: list[tuple[np.ndarray, np.ndarray]] = []  # (images, scores) per range, by latent then score
     for lo, hi, lat_e, img_e, val_e in entries.ranges():
         lat_e -= lo
         img_count[lo:hi] = np.bincount(lat_e, minlength=hi - lo)
@@ -430,6 +500,8 @@ def _latent_stats(model, source: ArraySource, labels, img_labels, n_cls: int, en
         top_rows[lat_s[keep], rank[keep]] = source.rows[img_s[keep]]
         top_values[lat_s[keep], rank[keep]] = val_s[keep]
         kept.append((lat_s[keep], rank[keep], img_s[keep]))
+        if keep_scores:
+            score_parts.append((img_s.astype(np.int64), val_s.astype(np.float32)))
         if labels is not None:
             auc[lo:hi] = auroc_from_entries(lat_e, val_e, img_labels[img_e], img_labels, hi - lo, n_cls)
         del lat_e, img_e, val_e, order, lat_s, img_s, val_s, rank, keep  # before the next range is read
@@ -476,8 +548,21 @@ def _latent_stats(model, source: ArraySource, labels, img_labels, n_cls: int, en
                              "lower top_n, raise max_map_bytes or pass maps=False")
         maps_arr = _position_maps(model, source, lat_k, rank_k, img_k, top_n, batch_size)
         maps_arr = maps_arr.reshape(m, top_n, h, w)
+    scores = None
+    if keep_scores:
+        scores = ImageScores(indptr=np.r_[0, np.cumsum(img_count)].astype(np.int64),
+                             images=np.concatenate([p[0] for p in score_parts]),
+                             values=np.concatenate([p[1] for p in score_parts]), n_images=n_img)
     return LatentStats(table=table, top_rows=top_rows, top_values=top_values, top_images=top_images,
-                       top_labels=top_labels, label_counts=label_counts, maps=maps_arr, meta=meta)
+                       top_labels=top_labels, label_counts=label_counts, maps=maps_arr, meta=meta, scores=scores)
+
+
+def image_scores(model: SparseAutoencoder, source, batch_size: int = 8192, progress: bool = False,
+                 **kwargs: Any) -> ImageScores:
+    """Every latent's non-zero image scores over ``source`` (the streamed pass of :func:`latent_stats`, which
+    returns the same with ``keep_scores=True``): activation (pooled) or max over positions (spatial)."""
+    return latent_stats(model, source, top_n=1, batch_size=batch_size, maps=False, progress=progress,
+                        keep_scores=True, **kwargs).scores
 
 
 def _position_maps(model, source: ArraySource, lat: np.ndarray, rank: np.ndarray, img: np.ndarray, top_n: int,

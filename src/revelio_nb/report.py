@@ -4,7 +4,8 @@
     python -m revelio_nb.report --run default --readme README.md   # replace the README's results section
 
 Sources: ``tables/probe_summary.csv`` and ``comparison_summary.csv`` (notebooks 04 / 05, via
-:func:`revelio_nb.probes.results_markdown`), ``06_summary.csv`` (notebook 06) and ``timings.csv`` (runner).
+:func:`revelio_nb.probes.results_markdown`), ``06_summary.csv`` (notebook 06), ``07_taxonomy_*.csv`` (notebook
+07, via :func:`revelio_nb.taxonomy.finding_paragraph`) and ``timings.csv`` (runner).
 The README section sits between ``<!-- results:start -->`` and ``<!-- results:end -->``.
 """
 
@@ -58,6 +59,29 @@ def directions_markdown(run_dir: str | Path) -> str | None:
     return "\n".join(lines)
 
 
+def taxonomy_markdown(run_dir: str | Path) -> str | None:
+    """Notebook 07's latent taxonomy: the finding paragraph (:func:`revelio_nb.taxonomy.finding_paragraph`) and the
+    kinds per block @ t with their seed stability, from ``07_taxonomy_kinds.csv``, ``07_taxonomy_claims.csv`` and
+    ``07_taxonomy_stability.csv``."""
+    from .taxonomy import KINDS, finding_paragraph
+
+    t = Path(run_dir) / "tables"
+    if not (t / "07_taxonomy_kinds.csv").is_file() or not (t / "07_taxonomy_claims.csv").is_file():
+        return None
+    kinds = pd.read_csv(t / "07_taxonomy_kinds.csv")
+    claims = pd.read_csv(t / "07_taxonomy_claims.csv")
+    stab = pd.read_csv(t / "07_taxonomy_stability.csv") if (t / "07_taxonomy_stability.csv").is_file() else None
+    keep = {} if stab is None else dict(zip(stab["cell"], stab["same_kind"]))
+    lines = ["| block @ t | live latents | " + " | ".join(KINDS) + " | kind kept (2nd seed) |",
+             "|---|---|" + "---|" * (len(KINDS) + 1)]
+    for _, r in kinds.iterrows():
+        kept = keep.get(r["cell"])
+        lines.append(f"| {r['cell']} | {int(r['n_live'])} | " + " | ".join(f"{r[f'frac_{k}']:.0%}" for k in KINDS)
+                     + f" | {'n/a' if kept is None or pd.isna(kept) else f'{kept:.0%}'} |")
+    return ("Latent taxonomy (notebook 07; shares of all latents of each SAE, held-out split): "
+            + finding_paragraph(claims, kinds, stab) + "\n\n" + "\n".join(lines))
+
+
 def timings_markdown(run_dir: str | Path) -> str | None:
     path = Path(run_dir) / "tables" / "timings.csv"
     if not path.is_file():
@@ -84,6 +108,9 @@ def run_markdown(run_dir: str | Path) -> str:
                      "the paper's axes on the prompt pass; generated images = the attribute measured on what the "
                      "neutral prompts draw; steering = the attribute measured on images generated with the "
                      "prompt-pair axis added to h.\n\n" + d)
+    tx = taxonomy_markdown(run_dir)
+    if tx:
+        parts.append(tx)
     t = timings_markdown(run_dir)
     if t:
         parts.append(t)

@@ -42,7 +42,7 @@ from .paths import atomic_path
 HOOKPOINTS_FILE = Path("sae") / "hookpoints.csv"
 REQUIRED_COLUMNS = ("hookpoint", "model", "block", "t", "pooling", "sae_dir", "latents_dir", "store_dir", "dataset",
                     "split")
-OPTIONAL_COLUMNS = ("embedding_store_dir",)
+OPTIONAL_COLUMNS = ("embedding_store_dir", "taxonomy_path")
 POOLINGS = ("mean", "none")
 EMBEDDINGS = ("pca", "tsne")
 SORTS: dict[str, tuple[str, bool]] = {  # label -> (table column, descending)
@@ -50,9 +50,12 @@ SORTS: dict[str, tuple[str, bool]] = {  # label -> (table column, descending)
     "purity": ("purity", True),
     "max activation": ("max_act", True),
     "AUROC": ("best_auroc", True),
+    "kind": ("kind_rank", False),  # with a taxonomy: class, mixed, attribute, unexplained, dead; strongest first
+    "attribute |rho|": ("attribute_rho_abs", True),
     "index": ("latent", False),
 }
-_PATH_COLUMNS = ("sae_dir", "latents_dir", "store_dir", "embedding_store_dir")
+ALL_KINDS = "all kinds"  # the kind filter's "no filter" choice
+_PATH_COLUMNS = ("sae_dir", "latents_dir", "store_dir", "embedding_store_dir", "taxonomy_path")
 
 
 class BrowserError(ValueError):
@@ -145,8 +148,9 @@ def read_hookpoints(run_dir: str | os.PathLike, extra_roots: Sequence[str | os.P
     dup = table["hookpoint"][table["hookpoint"].duplicated()].tolist()
     if dup:
         raise BrowserError(f"{path}: hookpoint labels must be unique; repeated: {dup}")
-    if "embedding_store_dir" not in table.columns:
-        table["embedding_store_dir"] = ""
+    for col in ("embedding_store_dir", "taxonomy_path"):
+        if col not in table.columns:
+            table[col] = ""
     bases = [path.parent.resolve(), Path(run_dir).resolve()]
     raw = table[list(_PATH_COLUMNS)].to_dict("records")
     for col in _PATH_COLUMNS:
@@ -179,14 +183,58 @@ def latent_table(stats) -> pd.DataFrame:
     return table
 
 
+def with_taxonomy(table: pd.DataFrame, taxonomy_path: str | None) -> pd.DataFrame:
+    """The latent table with each latent's kind from its taxonomy (:mod:`revelio_nb.taxonomy`): ``kind``,
+    ``kind_label`` (class / attribute and sign), ``best_attribute``, ``attribute_rho``, and the sort keys
+    ``kind_rank`` (kind order, strongest first within a kind) and ``attribute_rho_abs``. Unchanged without one."""
+    if not taxonomy_path or not Path(str(taxonomy_path)).is_file():
+        return table
+    from .taxonomy import KINDS, Taxonomy
+
+    tax = Taxonomy.load(taxonomy_path).table.set_index("latent")
+    if len(tax) != len(table):
+        raise BrowserError(f"taxonomy {taxonomy_path} has {len(tax)} latents, the statistics {len(table)}")
+    t = tax.reindex(table["latent"].to_numpy())
+    out = table.copy()
+    out["kind"] = t["kind"].fillna("").astype(str).to_numpy()
+    out["kind_label"] = t["label"].fillna("").astype(str).to_numpy()
+    out["best_attribute"] = t["best_attribute"].fillna("").astype(str).to_numpy()
+    out["attribute_rho"] = t["attribute_rho"].to_numpy(dtype=np.float64)
+    out["attribute_rho_abs"] = np.abs(out["attribute_rho"])
+    strength = np.fmax(np.nan_to_num(2 * (t["class_auroc"].to_numpy(dtype=np.float64) - 0.5), nan=0.0),
+                       np.nan_to_num(out["attribute_rho_abs"].to_numpy(), nan=0.0))
+    order = {k: i for i, k in enumerate(KINDS)}
+    out["kind_rank"] = np.array([order.get(k, len(KINDS)) for k in out["kind"]]) + 0.5 * (1 - np.clip(strength, 0, 1))
+    return out
+
+
+def kind_choices(table: pd.DataFrame) -> list[str]:
+    """The kind filter's choices for a latent table: "all kinds" and the kinds it holds (none without a taxonomy)."""
+    if "kind" not in table.columns:
+        return [ALL_KINDS]
+    from .taxonomy import KINDS
+
+    return [ALL_KINDS] + [k for k in KINDS if (table["kind"] == k).any()]
+
+
 def available_sorts(table: pd.DataFrame) -> list[str]:
     """Sort orders whose column the table has (AUROC and purity need labels)."""
     return [k for k, (col, _) in SORTS.items()
             if col in table.columns and (col == "latent" or table[col].notna().any())]
 
 
-def sort_latents(table: pd.DataFrame, sort: str = "frequency", hide_dead: bool = True) -> np.ndarray:
-    """Latent ids in browsing order: by ``sort`` (descending; ``index`` ascending), missing values last, ties by id."""
+def sort_latents(table: pd.DataFrame, sort: str = "frequency", hide_dead: bool = True,
+                 kind: str | None = None) -> np.ndarray:
+    """Latent ids in browsing order: by ``sort`` (descending; ``index`` ascending), missing values last, ties by id;
+    ``kind``: only latents of that kind (needs a taxonomy; None or "all kinds": no filter)."""
+    if kind not in (None, ALL_KINDS):
+        from .taxonomy import KINDS
+
+        if kind not in KINDS:
+            raise BrowserError(f"unknown kind {kind!r}; choices: {[ALL_KINDS, *KINDS]}")
+        if "kind" not in table.columns:
+            raise BrowserError(f"cannot filter by kind {kind!r}: this hookpoint has no taxonomy (taxonomy_path)")
+        table = table[table["kind"] == kind]
     if sort not in SORTS:
         raise BrowserError(f"unknown sort {sort!r}; choices: {list(SORTS)}")
     col, desc = SORTS[sort]
@@ -459,6 +507,10 @@ def load_hookpoint(row: dict | pd.Series, embedding: str = "pca", seed: int = 0,
     ds = _dataset(str(row["dataset"]))
     names = list(stats.meta.get("class_names") or store.class_names or ds.class_names)
     notes: list[str] = []
+    try:  # latent kinds are an extra: a bad taxonomy is a note, not a failure
+        table = with_taxonomy(table, row.get("taxonomy_path"))
+    except (OSError, ValueError, KeyError, pd.errors.EmptyDataError) as e:
+        notes.append(f"latent kinds unavailable ({e})")
     emb = embedding_points(row, store, embedding, seed=seed, progress=progress)
     labels_of = ds.labels if len(ds.labels) else np.zeros(len(ds.images), np.int64)
     fire = None
@@ -512,6 +564,10 @@ class LatentView:
         if "best_auroc" in s:
             cls = s.get("best_auroc_class")
             parts.append(f"best AUROC {f('best_auroc', '.3f')}" + (f" ({cls})" if isinstance(cls, str) and cls else ""))
+        if s.get("kind"):
+            parts.append(f"kind: {s['kind']}" + (f" ({s['kind_label']})" if s.get("kind_label") else ""))
+            if s.get("best_attribute"):
+                parts.append(f"best attribute {s['best_attribute']} (within-class rho {f('attribute_rho', '+.2f')})")
         parts.append("DEAD (never fires)" if s.get("dead") else "alive")
         return " · ".join(parts)
 
@@ -733,6 +789,8 @@ class LatentBrowser:
                                        layout=lay(width="430px"), style={"description_width": "70px"})
         self.sort_dd = W.Dropdown(options=list(SORTS), value=sort, description="sort by",
                                   layout=lay(width="210px"), style={"description_width": "55px"})
+        self.kind_dd = W.Dropdown(options=[ALL_KINDS], value=ALL_KINDS, description="kind",
+                                  layout=lay(width="190px"), style={"description_width": "35px"})
         self.dead_cb = W.Checkbox(value=hide_dead, description="hide dead latents", indent=False,
                                   layout=lay(width="150px"))
         self.heatmap_cb = W.Checkbox(value=heatmap, description="heatmap overlay", indent=False,
@@ -761,7 +819,7 @@ class LatentBrowser:
         self.content = W.HBox([self.grid, W.VBox([self.bars_html, self.scatter_img, self.scatter_caption],
                                                  layout=lay(min_width="370px"))], layout=lay(flex_flow="row wrap"))
         controls = W.VBox([
-            W.HBox([self.hookpoint_dd, self.sort_dd, self.dead_cb, self.heatmap_cb]),
+            W.HBox([self.hookpoint_dd, self.sort_dd, self.kind_dd, self.dead_cb, self.heatmap_cb]),
             W.HBox([self.prev_btn, self.slider, self.next_btn, self.latent_box]),
         ])
         self.ui = W.VBox([controls, self.message_html, self.stats_html, self.content])
@@ -769,11 +827,13 @@ class LatentBrowser:
                          (self.stats_html, "revelio-stats"), (self.grid, "revelio-grid"),
                          (self.prev_btn, "revelio-prev"), (self.next_btn, "revelio-next"),
                          (self.message_html, "revelio-message"), (self.scatter_img, "revelio-scatter"),
-                         (self.hookpoint_dd, "revelio-hookpoint"), (self.sort_dd, "revelio-sort")]:
+                         (self.hookpoint_dd, "revelio-hookpoint"), (self.sort_dd, "revelio-sort"),
+                         (self.kind_dd, "revelio-kind")]:
             wdg.add_class(cls)
 
         self.hookpoint_dd.observe(lambda ch: self._on_hookpoint(), names="value")
         self.sort_dd.observe(lambda ch: self._on_order(), names="value")
+        self.kind_dd.observe(lambda ch: self._on_order(), names="value")
         self.dead_cb.observe(lambda ch: self._on_order(), names="value")
         self.heatmap_cb.observe(lambda ch: self._render(), names="value")
         self.slider.observe(lambda ch: None if self._quiet else self._render(), names="value")
@@ -879,7 +939,7 @@ class LatentBrowser:
                                    f"{html.escape(text)}</div>")
         self.stats_html.value = ""
         self.content.layout.display = "none"
-        for w in (self.slider, self.prev_btn, self.next_btn, self.latent_box, self.sort_dd, self.dead_cb,
+        for w in (self.slider, self.prev_btn, self.next_btn, self.latent_box, self.sort_dd, self.kind_dd, self.dead_cb,
                   self.heatmap_cb):
             w.disabled = True
 
@@ -912,6 +972,11 @@ class LatentBrowser:
         self.sort_dd.options = sorts
         if self.sort_dd.value not in sorts:
             self.sort_dd.value = "frequency" if "frequency" in sorts else sorts[0]
+        kinds = kind_choices(d.table)
+        self.kind_dd.options = kinds
+        if self.kind_dd.value not in kinds:
+            self.kind_dd.value = ALL_KINDS
+        self.kind_dd.disabled = len(kinds) == 1
         self.heatmap_cb.disabled = not d.spatial
         self.latent_box.max = d.num_latents - 1
         self._quiet = False
@@ -926,7 +991,7 @@ class LatentBrowser:
 
     def _reorder(self, keep: int | None) -> None:
         d = self.data
-        self._order = sort_latents(d.table, self.sort_dd.value, self.dead_cb.value)
+        self._order = sort_latents(d.table, self.sort_dd.value, self.dead_cb.value, self.kind_dd.value)
         pos = np.nonzero(self._order == keep)[0] if keep is not None else []
         self._quiet = True
         self.slider.max = max(len(self._order) - 1, 0)
@@ -943,9 +1008,10 @@ class LatentBrowser:
         if not len(self._order):
             n_dead = int(d.table["dead"].sum())
             self.view = None
-            self.message_html.value = (f"<div style='color:#a60'>no latents to show for {html.escape(d.label)}: all "
-                                       f"{n_dead} of {d.num_latents} latents are dead; untick 'hide dead latents'"
-                                       f"</div>")
+            why = (f"no {self.kind_dd.value} latents (kind filter)" if self.kind_dd.value != ALL_KINDS else
+                   f"all {n_dead} of {d.num_latents} latents are dead; untick 'hide dead latents'")
+            self.message_html.value = (f"<div style='color:#a60'>no latents to show for {html.escape(d.label)}: "
+                                       f"{html.escape(why)}</div>")
             self.stats_html.value = ""
             self.content.layout.display = "none"
             return
@@ -1006,6 +1072,19 @@ def _tiny_unet(folder: Path, seed: int) -> Path:
     return folder
 
 
+def _demo_taxonomy(sae, arr, store, dataset: str, folder: Path) -> str:
+    """The demo SAE's latent taxonomy (:mod:`revelio_nb.taxonomy`), computed once; the path of its table."""
+    from .data import load_dataset
+    from .taxonomy import TABLE_FILE, Taxonomy, TaxonomyConfig, attribute_table, sae_taxonomy
+
+    try:
+        Taxonomy.load(folder)
+    except FileNotFoundError:
+        values = attribute_table(load_dataset(dataset), store.indices)
+        sae_taxonomy(sae, arr, store.labels, values, store.class_names, TaxonomyConfig(n_shuffles=3)).save(folder)
+    return str(folder / TABLE_FILE)
+
+
 def demo_run(run_dir: str | os.PathLike, *, dataset: str = "animal-mnist", split: str = "test",
              max_images: int = 300, blocks: Sequence[str] = ("mid_block", "up_blocks.0"), t: int = 25,
              spatial_block: str | None = "mid_block", expansion: int = 4, k: int = 4, sae_steps: int = 150,
@@ -1028,6 +1107,7 @@ def demo_run(run_dir: str | os.PathLike, *, dataset: str = "animal-mnist", split
     params = {k: v for k, v in locals().items() if k in ("dataset", "split", "max_images", "t", "spatial_block",
                                                           "expansion", "k", "sae_steps", "top_n", "seed")}
     params["blocks"] = list(blocks)
+    params["taxonomy"] = 1  # runs written before latent kinds existed are rebuilt
     done = work / "demo.json"
     if done.is_file() and hookpoints_path(run_dir).is_file() and json.loads(done.read_text()) == params:
         return run_dir
@@ -1059,7 +1139,8 @@ def demo_run(run_dir: str | os.PathLike, *, dataset: str = "animal-mnist", split
                      "model": "demo-tiny-unet", "block": block, "t": t, "pooling": pooling,
                      "sae_dir": str(run_dir / "sae" / name / "sae"), "latents_dir": str(lat_dir),
                      "store_dir": str(st.path), "dataset": dataset, "split": split,
-                     "embedding_store_dir": "" if pooling == "mean" else str(pooled.path)})
+                     "embedding_store_dir": "" if pooling == "mean" else str(pooled.path),
+                     "taxonomy_path": _demo_taxonomy(sae, arr, st, dataset, lat_dir / "taxonomy")})
     (run_dir / "sae").mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(hookpoints_path(run_dir), index=False)
     done.write_text(json.dumps(params))
