@@ -108,39 +108,72 @@ def _as_direction(direction: Any, out: torch.Tensor) -> torch.Tensor:
 class SteeringHook:
     """Adds ``strength * direction`` to a block's output while registered (and while ``active``).
 
+    ``direction`` is one vector ((C,), (C, h, w) or (C*h*w,)) or a {timestep: vector} mapping: then the vector of
+    the timestep nearest to the denoiser's current one is added (h-space directions change along the trajectory;
+    :func:`attribute_axes_by_step` gives one per sampling step).
+
     >>> with SteeringHook(model, direction, strength=2.0):
     ...     images = sample(model, 8, prompts="a drawing of a cat")
     """
 
     def __init__(self, model: DiffusionModel, direction: Any, strength: float = 1.0, block: str = "mid_block"):
         self.module = _block_module(model, block)
+        self.denoiser = model.denoiser
+        if isinstance(direction, dict):
+            if not direction:
+                raise ValueError("an empty {timestep: direction} mapping")
+            direction = {int(t): v for t, v in direction.items()}
         self.direction = direction
         self.strength = float(strength)
         self.block = block
         self.active = True
-        self._handle = None
+        self._t: int | None = None
+        self._handles: list = []
+
+    @property
+    def per_timestep(self) -> bool:
+        """Whether the direction depends on the timestep ({timestep: direction}; the nearest timestep's is added)."""
+        return isinstance(self.direction, dict)
+
+    def _record_t(self, module, args, kwargs):
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        if t is not None:
+            t = torch.as_tensor(t)
+            self._t = int(t.reshape(-1)[0]) if t.numel() else None
+
+    def current(self) -> Any:
+        """The direction added now (for per-timestep directions, the one of the nearest timestep)."""
+        if not self.per_timestep:
+            return self.direction
+        if self._t is None:
+            raise RuntimeError(f"per-timestep steering of {self.block!r}: the denoiser ran without a timestep argument")
+        keys = np.array(sorted(self.direction))
+        return self.direction[int(keys[np.argmin(np.abs(keys - self._t))])]
 
     def _hook(self, module, args, output):
         if not self.active or self.strength == 0.0:
             return None
         if torch.is_tensor(output):
-            return output + self.strength * _as_direction(self.direction, output)
+            return output + self.strength * _as_direction(self.current(), output)
         if isinstance(output, tuple) and output and torch.is_tensor(output[0]):
-            first = output[0] + self.strength * _as_direction(self.direction, output[0])
+            first = output[0] + self.strength * _as_direction(self.current(), output[0])
             return (first, *output[1:])
         raise TypeError(f"cannot steer block {self.block!r}: it returns {type(output).__name__}")
 
     def __enter__(self) -> "SteeringHook":
-        self._handle = self.module.register_forward_hook(self._hook)
+        if self.per_timestep:
+            self._handles.append(self.denoiser.register_forward_pre_hook(self._record_t, with_kwargs=True))
+        self._handles.append(self.module.register_forward_hook(self._hook))
         return self
 
     def __exit__(self, *exc) -> None:
         self.remove()
 
     def remove(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._t = None
 
 
 @contextmanager
@@ -162,6 +195,11 @@ def step_index(model: DiffusionModel, steps: int, t: int) -> int:
     timestep of the caption map (``SampleConfig(capture_steps=[step_index(m, steps, t_map)])``)."""
     ts = np.asarray(_scheduler(model, steps).timesteps)
     return int(np.argmin(np.abs(ts - model.check_timestep(t))))
+
+
+def step_timesteps(model: DiffusionModel, steps: int) -> list[int]:
+    """The timestep of every DDIM step (index 0 = pure noise) of a ``steps``-step run."""
+    return [int(t) for t in _scheduler(model, steps).timesteps]
 
 
 def _start_noise(model: DiffusionModel, n_seeds: int, seed: int, size: int) -> torch.Tensor:
@@ -283,6 +321,8 @@ class PromptLatents:
     flat_steps: np.ndarray | None = None  # (P, len(capture_steps), C*h*w): flat h of each capture step, when > 1
     capture_steps: list[int] | None = None  # the steps averaged into ``flat``
     images: np.ndarray | None = None  # uint8 (P, S, H, W, C) when kept (see :meth:`images_of`)
+    flat_seeds: np.ndarray | None = None  # float16 (P, S, len(capture_steps), C*h*w): each seed's flat h at each
+    # capture step, when kept (``prompt_latents(keep_seeds=True)``): for bootstrap intervals over seeds
     source: str = ""
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -325,10 +365,21 @@ class PromptLatents:
         rule: the mean over these prompts)."""
         if not self.capture_steps or step not in self.capture_steps:
             raise ValueError(f"step {step} was not captured; capture_steps: {self.capture_steps}")
-        flat = self.flat if len(self.capture_steps) == 1 else self.flat_steps[:, self.capture_steps.index(step)]
+        k = self.capture_steps.index(step)
+        flat = self.flat if len(self.capture_steps) == 1 else self.flat_steps[:, k]
         pooled = self.pooled_steps[:, step] if self.pooled_steps is not None else self.pooled
+        seeds = self.flat_seeds[:, :, k : k + 1] if self.flat_seeds is not None else None
         return PromptLatents(self.prompts, pooled, flat, shape=self.shape, images=self.images,
-                             source=f"{self.source} @ step {step}", config=self.config, capture_steps=[step])
+                             source=f"{self.source} @ step {step}", config=self.config, capture_steps=[step],
+                             flat_seeds=seeds)
+
+    @property
+    def n_seeds(self) -> int | None:
+        """Seeds per prompt behind these latents (None when unknown, e.g. text-encoder embeddings)."""
+        if self.flat_seeds is not None:
+            return int(self.flat_seeds.shape[1])
+        n = self.config.get("n_seeds") if self.config else None
+        return None if n is None else int(n)
 
     def images_of(self, prompts: str | Sequence[str]) -> np.ndarray:
         """The kept images of some prompts, all seeds, stacked: uint8 (sum of seeds, H, W, C)."""
@@ -356,10 +407,14 @@ class PromptLatents:
         return out[0] if single else out
 
 
-def _latents_key(model: DiffusionModel, prompts: list[str], cfg: SampleConfig, keep_images: bool) -> str:
+def _latents_key(model: DiffusionModel, prompts: list[str], cfg: SampleConfig, keep_images: bool,
+                 keep_seeds: bool = False) -> str:
     run = {k: v for k, v in asdict(cfg).items() if k != "h_condition"}  # one sampling run serves both conditions
-    return config_hash({"model": model.model_id, "weights": model.weights_hash, "prompts": prompts,
-                        "config": run, "images": keep_images, "v": 3})
+    key = {"model": model.model_id, "weights": model.weights_hash, "prompts": prompts, "config": run,
+           "images": keep_images, "v": 3}
+    if keep_seeds:
+        key["seeds"] = True
+    return config_hash(key)
 
 
 def _save_run(folder: Path, prompts: list[str], arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
@@ -388,7 +443,8 @@ def _latents_from_run(arrays: dict[str, np.ndarray], meta: dict[str, Any], condi
     return PromptLatents(meta["prompts"], steps[:, idx].mean(1).astype(np.float32), arrays[f"{condition}.flat"],
                          pooled_steps=steps, shape=tuple(meta["shape"]), images=arrays.get("images"),
                          source=f"{meta['source']} (h: {condition} pass)", config=config,
-                         flat_steps=flat_steps, capture_steps=list(meta["capture_steps"]))
+                         flat_steps=flat_steps, capture_steps=list(meta["capture_steps"]),
+                         flat_seeds=arrays.get(f"{condition}.flat_seeds"))
 
 
 def prompt_latents(
@@ -397,6 +453,7 @@ def prompt_latents(
     config: SampleConfig | None = None,
     *,
     keep_images: bool = False,
+    keep_seeds: bool = False,
     cache: bool = True,
     progress: bool = True,
 ) -> PromptLatents:
@@ -410,7 +467,7 @@ def prompt_latents(
     prompts = list(dict.fromkeys(prompts))
     if not prompts:
         raise ValueError("no prompts given")
-    folder = cache_dir("directions") / f"latents-{_latents_key(model, prompts, cfg, keep_images)}"
+    folder = cache_dir("directions") / f"latents-{_latents_key(model, prompts, cfg, keep_images, keep_seeds)}"
     if cache and (hit := _load_run(folder)) is not None and f"{cfg.h_condition}.flat" in hit[0]:
         return _latents_from_run(*hit, cfg.h_condition, cfg.capture_steps, asdict(cfg))
     n_p, steps = len(prompts), cfg.steps
@@ -427,15 +484,20 @@ def prompt_latents(
                 acc[f"{cond}.flat"] = np.zeros((n_p, int(np.prod(h.shape[1:]))), np.float64)
                 if len(keep) > 1:
                     acc[f"{cond}.flat_steps"] = np.zeros((n_p, len(keep), int(np.prod(h.shape[1:]))), np.float32)
+                if keep_seeds:
+                    acc[f"{cond}.flat_seeds"] = np.zeros((n_p, len(h), len(keep), int(np.prod(h.shape[1:]))),
+                                                         np.float16)
             hm = h.mean(0)  # mean over seeds
             acc[f"{cond}.pooled_steps"][p, i] = hm.flatten(1).mean(1).numpy() if hm.ndim > 1 else hm.numpy()
             if i in keep:
                 acc[f"{cond}.flat"][p] += hm.reshape(-1).double().numpy() / len(keep)
                 if len(keep) > 1:
                     acc[f"{cond}.flat_steps"][p, keep.index(i)] = hm.reshape(-1).numpy()
+                if keep_seeds:
+                    acc[f"{cond}.flat_seeds"][p, :, keep.index(i)] = h.reshape(len(h), -1).numpy()
 
     images = generate(model, prompts, cfg, on_h=on_h, progress=progress, desc="prompt latents")
-    arrays = {k: v.astype(np.float32) for k, v in acc.items()}
+    arrays = {k: v if v.dtype == np.float16 else v.astype(np.float32) for k, v in acc.items()}
     if keep_images:
         from .sampling import to_uint8
 
@@ -505,6 +567,22 @@ def attribute_axis(lat: PromptLatents, nouns: Sequence[str], attribute: str, for
     return concept_direction(lat, high, low, form, normalise)
 
 
+def attribute_axes_by_step(lat: PromptLatents, nouns: Sequence[str], attribute: str, timesteps: Sequence[int],
+                           form: str = "flat", normalise: bool = False,
+                           template: str | None = None) -> dict[int, np.ndarray]:
+    """The attribute axis of each captured sampling step, keyed by that step's timestep ({t: axis}), for
+    steering with the direction h actually takes at each step (:class:`SteeringHook` takes the mapping).
+
+    ``timesteps`` lists the timestep of every step of the run behind ``lat`` (:func:`step_timesteps`).
+    """
+    if not lat.capture_steps:
+        raise ValueError(f"these latents ({lat.source}) have no capture steps")
+    if len(timesteps) <= max(lat.capture_steps):
+        raise ValueError(f"{len(timesteps)} timesteps given, but step {max(lat.capture_steps)} was captured")
+    return {int(timesteps[s]): attribute_axis(lat.at_step(s), nouns, attribute, form, normalise, template)
+            for s in lat.capture_steps}
+
+
 def word_axis(word_map: "WordMap", attribute: str, method: str = "mean_diff") -> np.ndarray:
     """An attribute axis from the caption map: word vector of the high word minus that of the low word (unit)."""
     a = ATTRIBUTES[attribute]
@@ -560,33 +638,182 @@ def bias_scores(lat: PromptLatents, nouns: Sequence[str], attributes: Sequence[s
     return df
 
 
+def _neutral_indices(lat: PromptLatents, nouns: Sequence[str], template: str | None) -> np.ndarray:
+    kw = {} if template is None else {"template": template}
+    return lat.indices([neutral_prompt(n, **kw) for n in nouns])
+
+
+def _step_axes(lat: PromptLatents, word_maps: dict[int, "WordMap"], attributes: list[str], method: str) -> list:
+    if not word_maps:
+        raise ValueError("no word maps given: pass {capture step: WordMap}")
+    missing = [s for s in word_maps if not lat.capture_steps or s not in lat.capture_steps]
+    if missing:
+        raise ValueError(f"steps {missing} were not captured; capture_steps: {lat.capture_steps}")
+    return [np.stack([word_axis(wm, a, method) for a in attributes]) for wm in word_maps.values()]
+
+
+def _pool(h: np.ndarray, lat: PromptLatents, form: str) -> np.ndarray:
+    """Flat h (..., C*h*w) -> the requested form (pooled: mean over space)."""
+    if form not in FORMS:
+        raise ValueError(f"unknown form {form!r}; valid: {list(FORMS)}")
+    if form == "flat":
+        return h
+    if lat.shape is None:
+        raise ValueError("pooled projections of flat h need the block's output shape (lat.shape)")
+    return h.reshape(*h.shape[:-1], lat.shape[0], -1).mean(-1)
+
+
+def caption_axis_projections(lat: PromptLatents, word_maps: dict[int, "WordMap"], nouns: Sequence[str],
+                             attributes: Sequence[str] | None = None, form: str = "flat", method: str = "mean_diff",
+                             template: str | None = None, per_seed: bool = False) -> np.ndarray:
+    """Neutral prompts' h projected on each step's caption-map word axes (high word - low word, :func:`word_axis`).
+
+    Returns (nouns, steps, attributes) from the seed-mean h, or with ``per_seed`` (needs ``flat_seeds``, i.e.
+    ``prompt_latents(keep_seeds=True)``) every seed's projection, (nouns, seeds, steps, attributes); projection is
+    linear, so the mean over seeds of the latter is the former. Steps are in ``word_maps`` order.
+    """
+    attributes = list(ATTRIBUTES) if attributes is None else list(attributes)
+    axes = _step_axes(lat, word_maps, attributes, method)
+    idx = _neutral_indices(lat, nouns, template)
+    out = []
+    for step, ax in zip(word_maps, axes):
+        k = lat.capture_steps.index(step)
+        if per_seed:
+            if lat.flat_seeds is None:
+                raise ValueError(f"these latents ({lat.source}) kept no per-seed h: compute them with keep_seeds=True")
+            h = _pool(lat.flat_seeds[idx, :, k].astype(np.float32), lat, form)  # (N, S, d)
+        else:
+            h = lat.at_step(step).get(form=form)[idx]  # (N, d)
+        out.append(h.astype(np.float64) @ ax.T.astype(np.float64))
+    return np.stack(out, axis=-2)
+
+
+def combine_steps(projections: np.ndarray) -> np.ndarray:
+    """(..., nouns, steps, attributes) projections -> (..., nouns, attributes) scores: standardised across nouns
+    for each (step, attribute), then averaged over the steps (so each step weighs the same whatever its scale)."""
+    p = np.asarray(projections, dtype=np.float64)
+    sd = p.std(-3, keepdims=True)
+    return ((p - p.mean(-3, keepdims=True)) / np.where(sd > 0, sd, 1.0)).mean(-2)
+
+
+def scores_frame(scores: np.ndarray, nouns: Sequence[str], attributes: Sequence[str]) -> pd.DataFrame:
+    """A (nouns, attributes) score matrix in the layout of :func:`bias_scores` (class, attribute, high, low,
+    score, rank)."""
+    rows = [{"class": n, "attribute": a, "high": ATTRIBUTES[a].high, "low": ATTRIBUTES[a].low,
+             "score": float(scores[i, j])} for j, a in enumerate(attributes) for i, n in enumerate(nouns)]
+    df = pd.DataFrame(rows)
+    df["rank"] = df.groupby("attribute")["score"].rank(ascending=False, method="min").astype(int)
+    return df
+
+
 def caption_axis_bias(lat: PromptLatents, word_maps: dict[int, "WordMap"], nouns: Sequence[str],
                       attributes: Sequence[str] | None = None, form: str = "flat", method: str = "mean_diff",
-                      template: str | None = None) -> pd.DataFrame:
+                      template: str | None = None, seeds: np.ndarray | None = None) -> pd.DataFrame:
     """Bias read along the sampling trajectory with axes named by caption words (METHODS.md §2 steps 3-4).
 
     ``word_maps`` maps a capture step of ``lat`` to a :class:`WordMap` fitted on real captioned images noised to
     that step's timestep (:func:`step_index` gives the step of a timestep). At each step the neutral prompts'
-    h is projected on the attribute's word axis (high word - low word, :func:`word_axis`), centred on the mean
-    of ``lat``'s prompts; the scores are standardised across nouns per (step, attribute) and averaged over the
-    steps. Same layout as :func:`bias_scores` (one row per noun and attribute, ``score``, ``rank``).
+    h is projected on the attribute's word axis (high word - low word, :func:`word_axis`); the scores are
+    standardised across nouns per (step, attribute) and averaged over the steps (:func:`combine_steps`). Same
+    layout as :func:`bias_scores` (one row per noun and attribute, ``score``, ``rank``). ``seeds`` (indices
+    into the seeds, needs ``keep_seeds``) reads the score from a subset of the seeds only.
     """
-    if not word_maps:
-        raise ValueError("no word maps given: pass {capture step: WordMap}")
     attributes = list(ATTRIBUTES) if attributes is None else list(attributes)
-    per_step = []
-    for step, wm in word_maps.items():
-        one = lat.at_step(step)
-        axes = {a: word_axis(wm, a, method) for a in attributes}
-        table = score_table(bias_scores(one, nouns, attributes, form=form, axes=axes, template=template))
-        per_step.append((table - table.mean()) / table.std(ddof=0).replace(0, 1))
-    mean = sum(per_step) / len(per_step)
-    df = mean.rename_axis(index="class", columns="attribute").reset_index().melt(
-        id_vars="class", var_name="attribute", value_name="score")
-    df.insert(2, "high", df["attribute"].map(lambda a: ATTRIBUTES[a].high))
-    df.insert(3, "low", df["attribute"].map(lambda a: ATTRIBUTES[a].low))
-    df["rank"] = df.groupby("attribute")["score"].rank(ascending=False, method="min").astype(int)
-    return df
+    if seeds is None:
+        proj = caption_axis_projections(lat, word_maps, nouns, attributes, form, method, template)
+    else:
+        proj = caption_axis_projections(lat, word_maps, nouns, attributes, form, method, template,
+                                        per_seed=True)[:, np.asarray(seeds)].mean(1)
+    return scores_frame(combine_steps(proj), nouns, attributes)
+
+
+def _rank_corr(scores: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Spearman rho of each row of ``scores`` (..., N) with ``truth`` (N,) (average ranks for ties)."""
+    from scipy.stats import rankdata
+
+    rs = rankdata(scores, axis=-1)
+    rt = rankdata(truth)
+    rs = rs - rs.mean(-1, keepdims=True)
+    rt = rt - rt.mean()
+    den = np.sqrt((rs ** 2).sum(-1) * (rt ** 2).sum())
+    return np.where(den > 0, (rs * rt).sum(-1) / np.where(den > 0, den, 1.0), np.nan)
+
+
+def bootstrap_rho(projections: np.ndarray, truth: np.ndarray, n_boot: int = 1000, ci: float = 0.9,
+                  seed: int = 0) -> dict[str, np.ndarray]:
+    """Spearman rho of the combined score against the truth, with a bootstrap interval over seeds.
+
+    ``projections`` (nouns, seeds, steps, attributes) from :func:`caption_axis_projections` (``per_seed``);
+    ``truth`` (nouns, attributes) (NaN = unknown: that noun is left out of that attribute's rho). The seeds
+    are resampled with replacement ``n_boot`` times, the same seed indices for every noun (the seeds are paired:
+    every prompt starts from the same noises), and the percentile interval of the resampled rho is returned.
+    Returns {"rho", "ci_low", "ci_high", "boot_sd"} as (attributes,) arrays.
+    """
+    proj = np.asarray(projections, dtype=np.float64)
+    truth = np.asarray(truth, dtype=np.float64)
+    if proj.ndim != 4:
+        raise ValueError(f"projections must be (nouns, seeds, steps, attributes), got shape {proj.shape}")
+    n, s, _, a = proj.shape
+    if truth.shape != (n, a):
+        raise ValueError(f"truth must be (nouns, attributes) = {(n, a)}, got {truth.shape}")
+    if not 0 < ci < 1:
+        raise ValueError(f"ci must be in (0, 1), got {ci}")
+    if n_boot <= 0:
+        raise ValueError(f"n_boot must be a positive integer, got {n_boot}")
+    point = combine_steps(proj.mean(1))  # (N, A)
+    rng = np.random.default_rng(seed)
+    boots = []
+    chunk = max(1, 2_000_000 // max(1, n * s * proj.shape[2] * a))
+    for start in range(0, n_boot, chunk):
+        idx = rng.integers(0, s, (min(chunk, n_boot - start), s))
+        boots.append(combine_steps(np.moveaxis(proj[:, idx].mean(2), 0, 1)))  # (b, N, K, A) -> (b, N, A)
+    boot = np.concatenate(boots)
+    out = {k: np.full(a, np.nan) for k in ("rho", "ci_low", "ci_high", "boot_sd")}
+    q = (1 - ci) / 2
+    for j in range(a):
+        ok = np.isfinite(truth[:, j])
+        if ok.sum() < 3 or np.ptp(truth[ok, j]) == 0:
+            continue
+        out["rho"][j] = float(_rank_corr(point[ok, j], truth[ok, j]))
+        r = _rank_corr(boot[:, ok, j], truth[ok, j])
+        r = r[np.isfinite(r)]
+        if len(r):
+            out["ci_low"][j], out["ci_high"][j] = np.quantile(r, [q, 1 - q])
+            out["boot_sd"][j] = r.std(ddof=1) if len(r) > 1 else 0.0
+    return out
+
+
+def truth_matrix(truth: pd.DataFrame, nouns: Sequence[str], attributes: Sequence[str],
+                 truth_column: str = "rate") -> np.ndarray:
+    """Ground truth (class, attribute, ``truth_column`` rows) as a (nouns, attributes) array (NaN where missing)."""
+    t = truth.pivot_table(index="class", columns="attribute", values=truth_column, aggfunc="first")
+    return t.reindex(index=list(nouns), columns=list(attributes)).to_numpy(dtype=np.float64)
+
+
+def rho_by_seed_set(projections: dict[str, np.ndarray], nouns: Sequence[str], truth: pd.DataFrame,
+                    attributes: Sequence[str], truth_column: str = "rate", n_boot: int = 1000, ci: float = 0.9,
+                    seed: int = 0, pooled: str | None = "all seed sets") -> pd.DataFrame:
+    """rho against the truth for each independent seed set, each with its bootstrap interval over seeds.
+
+    ``projections`` maps a seed-set label to its (nouns, seeds, steps, attributes) projections. With ``pooled``
+    (a label) one more row per attribute reads all seed sets at once (their seeds concatenated). One row per
+    (seed_set, attribute): rho, ci_low, ci_high, boot_sd, n_seeds, ci (the level).
+    """
+    if not projections:
+        raise ValueError("no seed sets given")
+    attributes = list(attributes)
+    tm = truth_matrix(truth, nouns, attributes, truth_column)
+    sets = dict(projections)
+    if pooled and len(sets) > 1:
+        sets[pooled] = np.concatenate(list(projections.values()), axis=1)
+    rows = []
+    for label, proj in sets.items():
+        r = bootstrap_rho(proj, tm, n_boot=n_boot, ci=ci, seed=seed)
+        for j, a in enumerate(attributes):
+            rows.append({"seed_set": str(label), "attribute": a, "rho": r["rho"][j], "ci_low": r["ci_low"][j],
+                         "ci_high": r["ci_high"][j], "boot_sd": r["boot_sd"][j], "n_seeds": int(proj.shape[1]),
+                         "ci": ci})
+    return pd.DataFrame(rows)
 
 
 def score_table(scores: pd.DataFrame, column: str = "score") -> pd.DataFrame:
@@ -843,6 +1070,46 @@ def fit_word_map(h: np.ndarray, captions: Sequence[str] | None = None, *, words:
                    float(alpha))
 
 
+def caption_retrieval(lat: PromptLatents, image_h: dict[int, np.ndarray], labels: np.ndarray,
+                      nouns: Sequence[str], steps: dict[int, int], form: str = "flat", k: Sequence[int] = (1, 5),
+                      template: str | None = None) -> pd.DataFrame:
+    """Image-conditioning check of the prompt latents: does h of a real captioned image, noised to t, sit
+    closest to its own class's prompt latent among the other classes'?
+
+    ``image_h`` maps a timestep t to h of real images noised to t ((M, d), same block, pass and ``form`` as
+    ``lat``; e.g. a feature store with neutral conditioning), ``labels`` gives each image's class as an index into
+    ``nouns``, ``steps`` maps t to the capture step of ``lat`` read for it (:func:`step_index`). Both sides are
+    centred on their own mean (images on the images', prompt latents on the classes'), so a constant offset
+    between real and generated h does not decide; similarity = cosine. One row per t: top-k accuracy for each k
+    (share of images whose own class ranks within the k most similar prompt latents) beside chance (k / classes).
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    nouns = list(nouns)
+    if labels.size and (labels.min() < 0 or labels.max() >= len(nouns)):
+        raise ValueError(f"labels must index the {len(nouns)} nouns, got values {labels.min()}..{labels.max()}")
+    missing = [t for t in image_h if t not in steps]
+    if missing:
+        raise ValueError(f"timesteps {missing} have no capture step in steps={steps}")
+    idx = _neutral_indices(lat, nouns, template)
+    rows = []
+    for t, h in image_h.items():
+        h = np.asarray(h, dtype=np.float64).reshape(len(h), -1)
+        if len(h) != len(labels):
+            raise ValueError(f"{len(h)} image rows at t={t} for {len(labels)} labels")
+        protos = lat.at_step(steps[t]).raw(form)[idx].astype(np.float64)
+        if protos.shape[1] != h.shape[1]:
+            raise ValueError(f"image h has {h.shape[1]} dims at t={t}, the prompt latents ({form}) {protos.shape[1]}")
+        sim = _unit(h - h.mean(0)) @ _unit(protos - protos.mean(0)).T  # (M, classes)
+        own = sim[np.arange(len(h)), labels]
+        rank = (sim > own[:, None]).sum(1)  # 0 = own class most similar
+        row = {"t": int(t), "step": int(steps[t]), "n_images": len(h), "n_classes": len(nouns)}
+        for kk in k:
+            row[f"top{kk}"] = float((rank < kk).mean())
+            row[f"chance_top{kk}"] = min(1.0, kk / len(nouns))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def pca_directions(h: np.ndarray, n: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Top-``n`` principal axes (n, d) of row vectors and their explained-variance ratios."""
     from sklearn.decomposition import PCA
@@ -875,7 +1142,9 @@ def steering_effect(images: dict[float, Any], attribute: str, prompts: Sequence[
                     n_seeds: int | None = None) -> pd.DataFrame:
     """Measure ``attribute`` on steered images: mean, sem and the share of images whose value went up versus
     the same seed at strength 0 (paired). One row per strength, plus the monotonicity of the means
-    (``monotonic``: +1 increasing, -1 decreasing, 0 neither) and Spearman rho of value vs strength."""
+    (``monotonic``: +1 increasing, -1 decreasing, 0 neither), Spearman rho of value vs strength over all images
+    (``rho_value_strength``: class and seed differences count as noise) and, when strength 0 is among them, rho
+    of each image's change from its unsteered twin (same prompt and seed) vs strength (``rho_paired``)."""
     from scipy.stats import spearmanr
 
     if attribute not in ATTRIBUTES:
@@ -896,6 +1165,9 @@ def steering_effect(images: dict[float, Any], attribute: str, prompts: Sequence[
     alls = np.concatenate([[s] * len(vals[s]) for s in strengths])
     varied = len(strengths) > 1 and np.ptp(allv) > 0
     df["rho_value_strength"] = float(spearmanr(alls, allv)[0]) if varied else np.nan
+    if base is not None and len(strengths) > 1 and all(len(vals[s]) == len(base) for s in strengths):
+        change = np.concatenate([vals[s] - base for s in strengths])  # each image against its own unsteered twin
+        df["rho_paired"] = float(spearmanr(alls, change)[0]) if np.ptp(change) > 0 else np.nan
     return df
 
 
