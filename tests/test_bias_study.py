@@ -124,6 +124,11 @@ def test_caption_retrieval_finds_the_own_class_despite_an_offset_and_not_with_sh
     row0 = df.set_index("t").loc[0]
     assert row0.top1 > 0.95 and row0.top5 == 1.0 and row0.chance_top1 == pytest.approx(1 / len(NOUNS))
     assert df.set_index("t").loc[500].top1 < row0.top1
+    # prompt latents that do not differ (e.g. the first step of a neutral pass: same noise, same empty prompt)
+    # retrieve nothing: ties are broken at random, so accuracy is chance, not 100 %
+    same = D.PromptLatents(prompts, np.ones_like(protos), np.ones((len(NOUNS), d), np.float32), capture_steps=[4])
+    tied = D.caption_retrieval(same, {0: h[0]}, labels, NOUNS, steps={0: 4}).iloc[0]
+    assert tied.top1 == pytest.approx(1 / len(NOUNS)) and tied.top5 == pytest.approx(5 / len(NOUNS))
     shuffled = D.caption_retrieval(lat, {0: h[0]}, rng.permutation(labels), NOUNS, steps={0: 4})
     assert shuffled.top1.iloc[0] < 0.35
     with pytest.raises(ValueError, match="no capture step"):
@@ -239,8 +244,13 @@ def test_bias_study_end_to_end_on_a_tiny_text_pipeline(sd_model, tiny_animals, t
     assert study.retrieval[["top1", "top5"]].apply(lambda c: c.between(0, 1)).all().all()
     # the summary: one row per attribute, every seed set with its interval, the worst, the baseline, steering
     eff = pd.DataFrame({"attribute": attrs, "monotonic": 1, "rho_value_strength": 0.5, "rho_paired": 0.9})
-    summary = B.summary_table([study], steering={"tiny": eff})
-    assert summary.attribute.tolist() == attrs and summary.sampler.eq("DDIM").all()
+    from dataclasses import replace
+
+    retrained = replace(study, config=replace(study.config, label="tiny, seed 1"))
+    summary = B.summary_table([study, retrained], steering={"tiny": eff})
+    assert summary.attribute.tolist() == attrs * 2 and summary.sampler.eq("DDIM").all()
+    assert summary.model.tolist() == ["tiny"] * 4 + ["tiny, seed 1"] * 4
+    assert summary.steer_rho.iloc[:4].eq(0.5).all() and summary.steer_rho.iloc[4:].isna().all()
     for k in (1, 2, 3):
         assert {f"rho set {k}", f"ci_low set {k}", f"ci_high set {k}"} <= set(summary.columns)
     assert {"rho worst seed set", "rho all seed sets", "rho text encoder", "steer_rho", "steer_rho_paired"} <= \
@@ -249,3 +259,11 @@ def test_bias_study_end_to_end_on_a_tiny_text_pipeline(sd_model, tiny_animals, t
     monkeypatch.setattr(D, "generate", lambda *a, **k: pytest.fail("should have been served from the cache"))
     again = B.bias_study(sd_model, tiny_animals, cfg, progress=False)
     pd.testing.assert_frame_equal(again.rho, study.rho)
+
+
+def test_plot_prompt_samples_has_a_row_per_noun_and_a_column_block_per_guidance_scale(sd_model):
+    import matplotlib.pyplot as plt
+
+    fig = D.plot_prompt_samples(sd_model, ["cat", "dog"], guidance_scales=(1.0, 3.0), steps=2, n_seeds=2)
+    assert len(fig.axes) == 2 * 4 and fig.axes[0].get_title(loc="left") == "CFG 1"
+    plt.close(fig)

@@ -88,7 +88,7 @@ class BiasStudy:
     caption_set: C.CaptionSet
     store: Any  # feature store behind the caption maps (training images, t_maps, pooling "none")
     word_maps: dict[int, D.WordMap]  # capture step -> caption map at that step's timestep
-    map_steps: dict[int, int]  # t -> capture step
+    map_steps: dict[int, int]  # t -> capture step (one t per step when several t_maps fall on one step)
     latents: dict[str, D.PromptLatents]  # seed-set label -> neutral prompts' latents (neutral pass)
     projections: dict[str, np.ndarray]  # seed-set label -> (nouns, seeds, steps, attributes)
     scores: dict[str, pd.DataFrame]  # seed-set label (and "all seed sets") -> bias scores
@@ -104,6 +104,18 @@ class BiasStudy:
     @property
     def seed_set_labels(self) -> list[str]:
         return list(self.latents)
+
+    @property
+    def map_captions(self) -> list[str]:
+        """The caption of every row of :attr:`store` (the images behind the caption maps)."""
+        return [self.caption_set.captions[i] for i in self.store.indices]
+
+    def map_h(self, t: int, form: str = "pooled") -> np.ndarray:
+        """h of the caption-map images at timestep ``t`` (one of ``t_maps``): pooled (N, C) or flat (N, C*h*w)."""
+        if t not in self.store.timesteps:
+            raise ValueError(f"t={t} is not in the caption-map store; t_maps: {sorted(self.store.timesteps)}")
+        h = np.asarray(self.store.array("mid_block", t), np.float32)
+        return h.mean((2, 3)) if form == "pooled" else h.reshape(len(h), -1)
 
     def rho_table(self) -> pd.DataFrame:
         """rho per attribute (rows) and seed set (columns), the worst set and all sets at once."""
@@ -147,7 +159,7 @@ def bias_study(model: DiffusionModel, dataset, config: BiasStudyConfig | None = 
     map_steps = steps_of(model, cfg.t_maps, cfg.steps)
     store = features.extract_features(features.ExtractionConfig(
         model=model.model_id, dataset=dataset.name, split="train", blocks=["mid_block"],
-        timesteps=sorted(map_steps), pooling="none", max_images=cfg.map_max_images, seed=cfg.seed,
+        timesteps=sorted(set(int(t) for t in cfg.t_maps)), pooling="none", max_images=cfg.map_max_images, seed=cfg.seed,
         batch_size=cfg.batch_size), model=model, dataset=dataset, progress=progress)
     caps = [cs.captions[i] for i in store.indices]
     word_maps = {}
@@ -199,6 +211,84 @@ def bias_study(model: DiffusionModel, dataset, config: BiasStudyConfig | None = 
 
 
 # ------------------------------------------------------------------------------------------ summary
+
+
+def readout_variants(study: BiasStudy, prompt_latents: D.PromptLatents | None = None
+                     ) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+    """rho of the study's score beside the other readouts, all on the first seed set: the same caption-map axes
+    on pooled h; the paper's prompt-pair axes on ``prompt_latents`` (attribute prompts, prompt pass; flat, pooled,
+    and centred on each class's own prompts); the text encoder (global and class centre); the attribute measured on
+    the images the neutral prompts drew. Returns (rho rows with ``scores`` = readout name, {name: scores})."""
+    nouns, attrs = study.nouns, study.config.attributes
+    first = study.seed_set_labels[0]
+    lat = study.latents[first]
+    pooled_maps = {step: D.fit_word_map(study.map_h(t, "pooled"), study.map_captions)
+                   for t, step in study.map_steps.items()}
+    scores = {"h neutral prompts, flat, caption-map axes": study.scores[first],
+              "h neutral prompts, pooled, caption-map axes": D.caption_axis_bias(lat, pooled_maps, nouns, attrs,
+                                                                                 form="pooled")}
+    if prompt_latents is not None:
+        for name, (form, centre) in {"h prompt pass, flat": ("flat", "global"),
+                                     "h prompt pass, pooled": ("pooled", "global"),
+                                     "h prompt pass, flat, class centre": ("flat", "class")}.items():
+            scores[name] = D.bias_scores(prompt_latents, nouns, attrs, form=form, centre=centre)
+    scores["text encoder"] = study.text_encoder_scores
+    scores["generated images (measured)"] = D.generated_attribute_scores(lat, nouns, attrs)
+    rho = pd.concat([D.compare_with_ground_truth(sc, study.truth, label=k) for k, sc in scores.items()],
+                    ignore_index=True)
+    return rho, scores
+
+
+def plot_rho_intervals(studies: Sequence[BiasStudy], target: float | None = 0.8, title: str = ""):
+    """rho against the truth per attribute: every seed set of every study with its bootstrap interval (the
+    study's all-sets value as a black diamond), and the target as a dashed line."""
+    import matplotlib.pyplot as plt
+
+    attrs = list(studies[0].config.attributes)
+    fig, axes = plt.subplots(1, len(studies), figsize=(1.3 * len(attrs) * len(studies) + 1.5, 3.0), squeeze=False,
+                             sharey=True)
+    for ax, st in zip(axes[0], studies):
+        sets = st.seed_set_labels
+        width = 0.7 / max(1, len(sets))
+        for k, label in enumerate(sets + ["all seed sets"]):
+            g = st.rho[st.rho.seed_set == label].set_index("attribute").reindex(attrs)
+            if g.rho.isna().all():
+                continue
+            x = np.arange(len(attrs)) + (k - len(sets) / 2) * width
+            pooled = label == "all seed sets"
+            ax.errorbar(x, g.rho, yerr=[g.rho - g.ci_low, g.ci_high - g.rho], fmt="D" if pooled else "o",
+                        ms=4, capsize=2, color="k" if pooled else None, label=label)
+        if target is not None:
+            ax.axhline(target, ls="--", color="grey", lw=0.8)
+        ax.set_xticks(np.arange(len(attrs)))
+        ax.set_xticklabels(attrs, fontsize=8)
+        ax.set_ylim(min(-0.1, float(np.nanmin(st.rho.ci_low)) - 0.05), 1.02)
+        ax.set_title(f"{st.label} ({st.config.sampler}, {st.config.n_seeds} seeds per set)", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0, 0].set_ylabel(f"Spearman rho vs truth ({int(100 * studies[0].config.ci)} % CI)", fontsize=8)
+    axes[0, -1].legend(fontsize=6, loc="lower right")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_retrieval(retrieval: pd.DataFrame, title: str = ""):
+    """Top-1 / top-5 retrieval accuracy of the image-conditioning check against t, with chance levels."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 2.8))
+    for k, c in (("top1", "tab:blue"), ("top5", "tab:orange")):
+        ax.plot(retrieval.t, retrieval[k], marker="o", color=c, label=k)
+        ax.plot(retrieval.t, retrieval[f"chance_{k}"], ls=":", color=c, label=f"chance {k}")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("t (real images noised to t)", fontsize=8)
+    ax.set_ylabel("accuracy", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7)
+    ax.set_title(title or "does h of a real image retrieve its class's prompt latent?", fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 def steering_summary(effects: pd.DataFrame, column: str = "rho_value_strength") -> pd.DataFrame:

@@ -1100,11 +1100,12 @@ def caption_retrieval(lat: PromptLatents, image_h: dict[int, np.ndarray], labels
         if protos.shape[1] != h.shape[1]:
             raise ValueError(f"image h has {h.shape[1]} dims at t={t}, the prompt latents ({form}) {protos.shape[1]}")
         sim = _unit(h - h.mean(0)) @ _unit(protos - protos.mean(0)).T  # (M, classes)
-        own = sim[np.arange(len(h)), labels]
-        rank = (sim > own[:, None]).sum(1)  # 0 = own class most similar
+        own = sim[np.arange(len(h)), labels][:, None]
+        above = (sim > own + 1e-12).sum(1)  # classes clearly more similar than the own one
+        tied = (np.abs(sim - own) <= 1e-12).sum(1)  # the own class and any class exactly as similar
         row = {"t": int(t), "step": int(steps[t]), "n_images": len(h), "n_classes": len(nouns)}
-        for kk in k:
-            row[f"top{kk}"] = float((rank < kk).mean())
+        for kk in k:  # ties broken at random: the chance that the own class lands within the top k
+            row[f"top{kk}"] = float(np.clip((kk - above) / tied, 0.0, 1.0).mean())
             row[f"chance_top{kk}"] = min(1.0, kk / len(nouns))
         rows.append(row)
     return pd.DataFrame(rows)
@@ -1136,6 +1137,39 @@ def steer(model: DiffusionModel, prompts: str | Sequence[str], direction: Any, s
             hook.strength = float(s)
             out[float(s)] = generate(model, prompts, cfg, steer=hook, steer_steps=steer_steps, progress=False)
     return out
+
+
+STEER_AXES = ("per-step", "mean")
+
+
+def steer_attributes(model: DiffusionModel, lat: PromptLatents, nouns: Sequence[str], attributes: Sequence[str],
+                     strengths: Sequence[float], config: SampleConfig | None = None, axes: str = "per-step",
+                     template: str | None = None, progress: bool = True
+                     ) -> tuple[dict[str, dict[float, torch.Tensor]], pd.DataFrame]:
+    """The causal check for several attributes: every noun's neutral prompt sampled (``config``, paired seeds) with
+    ``strength *`` the attribute's prompt-pair axis added to h, and the attribute measured on the images.
+
+    The axis is the flattened, unnormalised mean difference of h between the high- and low-word prompts of
+    ``lat`` (:func:`attribute_axis`): with ``axes="per-step"`` one per sampling step of ``lat``'s run, added at
+    the matching timestep (:func:`attribute_axes_by_step`; strength 1 adds what the words do to h at each step);
+    with ``axes="mean"`` one axis averaged over the steps, added at every step. Returns ({attribute: {strength:
+    images}}, :func:`steering_effect` rows of every attribute).
+    """
+    if axes not in STEER_AXES:
+        raise ValueError(f"axes {axes!r} is not one of {list(STEER_AXES)}")
+    cfg = (config or SampleConfig()).validate()
+    kw = {} if template is None else {"template": template}
+    prompts = [neutral_prompt(n, **kw) for n in nouns]
+    strips, effects = {}, []
+    for a in attributes:
+        if axes == "per-step":
+            steps = int((lat.config or {}).get("steps") or len(lat.capture_steps or []))
+            direction = attribute_axes_by_step(lat, nouns, a, step_timesteps(model, steps), template=template)
+        else:
+            direction = attribute_axis(lat, nouns, a, form="flat", normalise=False, template=template)
+        strips[a] = steer(model, prompts, direction, strengths, cfg, progress=progress)
+        effects.append(steering_effect(strips[a], a))
+    return strips, pd.concat(effects, ignore_index=True)
 
 
 def steering_effect(images: dict[float, Any], attribute: str, prompts: Sequence[str] | None = None,
@@ -1172,6 +1206,38 @@ def steering_effect(images: dict[float, Any], attribute: str, prompts: Sequence[
 
 
 # ============================================================================ figures
+
+
+def plot_prompt_samples(model: DiffusionModel, nouns: Sequence[str], guidance_scales: Sequence[float] = (1.0, 3.0),
+                        steps: int = 10, seed: int = 0, n_seeds: int = 4, template: str | None = None):
+    """Each noun's neutral prompt drawn ``n_seeds`` times (paired seeds) at each guidance scale: one row per
+    noun, one block of columns per scale."""
+    import matplotlib.pyplot as plt
+
+    from .sampling import to_uint8
+
+    kw = {} if template is None else {"template": template}
+    prompts = [neutral_prompt(n, **kw) for n in nouns]
+    rows = {g: to_uint8(generate(model, prompts, SampleConfig(n_seeds=n_seeds, steps=steps, seed=seed,
+                                                             guidance_scale=g), progress=False))
+            for g in guidance_scales}
+    ncol = len(rows) * n_seeds
+    fig, axes = plt.subplots(len(prompts), ncol, figsize=(0.6 * ncol + 0.8, 0.6 * len(prompts) + 0.4), squeeze=False)
+    for b, (g, imgs) in enumerate(rows.items()):
+        for p in range(len(prompts)):
+            for j in range(n_seeds):
+                ax = axes[p, b * n_seeds + j]
+                im = imgs[p * n_seeds + j]
+                ax.imshow(im[..., 0] if im.shape[-1] == 1 else im, cmap="gray", vmin=0, vmax=255)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if p == 0 and j == 0:
+                    ax.set_title(f"CFG {g:g}", fontsize=7, loc="left")
+        for p, noun in enumerate(nouns):
+            axes[p, 0].set_ylabel(noun, fontsize=7, rotation=0, ha="right", va="center")
+    fig.suptitle(f"'{neutral_prompt('<class>', **kw)}', {n_seeds} paired seeds, DDIM {steps} steps", fontsize=8)
+    fig.tight_layout(pad=0.2)
+    return fig
 
 
 def plot_bias_heatmaps(panels: dict[str, pd.DataFrame], center: dict[str, float] | None = None, cmap: str = "vlag",
