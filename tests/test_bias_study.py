@@ -267,3 +267,23 @@ def test_plot_prompt_samples_has_a_row_per_noun_and_a_column_block_per_guidance_
     fig = D.plot_prompt_samples(sd_model, ["cat", "dog"], guidance_scales=(1.0, 3.0), steps=2, n_seeds=2)
     assert len(fig.axes) == 2 * 4 and fig.axes[0].get_title(loc="left") == "CFG 1"
     plt.close(fig)
+
+
+def test_name_sae_latents_trains_once_and_names_the_most_frequent_latents(tmp_path, monkeypatch):
+    from revelio_nb import sae
+
+    monkeypatch.setenv("REVELIO_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    words = rng.random((400, 2)) < 0.5
+    dirs = rng.normal(size=(2, 16))
+    h = (words @ dirs + 0.1 * rng.normal(size=(400, 16))).astype(np.float32)
+    caps = [f"a drawing of a {'large' if a else 'small'} {'cat' if b else 'dog'}" for a, b in words]
+    wm = D.fit_word_map(h, caps)
+    cfg = sae.TrainConfig(sae=sae.SaeConfig(expansion_factor=2, k=2), batch_size=128, epochs=3, seed=0)
+    named, ev = D.name_sae_latents(h, wm, cfg, key="t", n_latents=3, k=2)
+    assert named.direction.nunique() == 3 and set(named.word) <= set(wm.vocabulary)
+    freq = [float(d.split("(")[1].rstrip("%)")) for d in dict.fromkeys(named.direction)]
+    assert freq == sorted(freq, reverse=True) and 0 <= ev["fvu"] < 1
+    assert len(list((tmp_path / "cache" / "sae").iterdir())) == 1
+    again, _ = D.name_sae_latents(h, wm, cfg, key="t", n_latents=3, k=2)  # from the cache
+    pd.testing.assert_frame_equal(again, named)

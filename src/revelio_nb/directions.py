@@ -1111,6 +1111,25 @@ def caption_retrieval(lat: PromptLatents, image_h: dict[int, np.ndarray], labels
     return pd.DataFrame(rows)
 
 
+def name_sae_latents(h: np.ndarray, word_map: "WordMap", config: Any, key: str = "", n_latents: int = 8, k: int = 3,
+                     method: str = "ridge") -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Train (or load from the cache) a k-SAE on h (N, d) with ``config`` (:class:`revelio_nb.sae.TrainConfig`)
+    and name its ``n_latents`` most frequent latents' decoder rows with the word map (:meth:`WordMap.name`).
+
+    The SAE lives under ``cache_dir("sae")/<key>-<hash of config>``. Returns (named rows, :func:`revelio_nb.sae.
+    evaluate_sae` metrics).
+    """
+    from . import sae
+
+    folder = cache_dir("sae") / f"{key}{'-' if key else ''}{config_hash(asdict(config))}"
+    ksae = sae.train_sae(np.asarray(h, np.float32), config, folder)
+    ev = sae.evaluate_sae(ksae, np.asarray(h, np.float32))
+    top = np.argsort(-ev["firing_frequency"])[:n_latents]
+    named = word_map.name(ksae.W_dec.detach().cpu().numpy()[top], k=k, method=method,
+                          names=[f"latent {i} ({ev['firing_frequency'][i]:.0%})" for i in top])
+    return named, ev
+
+
 def pca_directions(h: np.ndarray, n: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Top-``n`` principal axes (n, d) of row vectors and their explained-variance ratios."""
     from sklearn.decomposition import PCA
