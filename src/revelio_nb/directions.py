@@ -16,9 +16,14 @@
 4. **Bias** (:func:`bias_scores`): neutral prompts ("a drawing of a cat") projected on each attribute axis;
    ranking, clustering (:func:`cluster_prompts`), and the same scores on the text encoder's own embeddings
    (:func:`text_encoder_latents`) as the baseline; :func:`compare_with_ground_truth` gives Spearman rho against
-   the attribute rates of the training captions.
-5. **Causal check** (:func:`steer`, :func:`steering_effect`): add ``strength * direction`` to h during sampling and
-   measure the attribute on the generated images with the same functions that wrote the captions.
+   the attribute rates of the training captions. :func:`caption_axis_bias` reads the bias along caption-map word
+   axes; with every seed's h kept (``keep_seeds``), :func:`bootstrap_rho` / :func:`rho_by_seed_set` give rho on
+   independent seed sets with bootstrap intervals over the (paired) seeds, and :func:`caption_retrieval` checks
+   that h of real images noised to t retrieves its own class's prompt latent (the method's image-conditioning
+   check). :mod:`revelio_nb.bias_study` runs the whole study.
+5. **Causal check** (:func:`steer`, :func:`steer_attributes`, :func:`steering_effect`): add ``strength *
+   direction`` to h during sampling (one direction, or one per timestep) and measure the attribute on the generated
+   images with the same functions that wrote the captions.
 """
 
 from __future__ import annotations
