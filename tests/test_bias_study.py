@@ -219,16 +219,24 @@ def tiny_animals(animals):
 
 def test_bias_study_end_to_end_on_a_tiny_text_pipeline(sd_model, tiny_animals, tmp_path, monkeypatch):
     monkeypatch.setenv("REVELIO_CACHE", str(tmp_path / "cache"))
-    cfg = B.BiasStudyConfig(n_seeds=3, seed_sets=3, steps=3, t_maps=[0, 333], map_max_images=60,
+    cfg = B.BiasStudyConfig(n_seeds=3, seed_sets=3, steps=3, t_maps=[0, 333], map_max_images=60, shrinkage=3.0,
                             retrieval_ts=[0, 333, 666], retrieval_max_images=40, n_boot=50, batch_size=16,
                             label="tiny")
     study = B.bias_study(sd_model, tiny_animals, cfg, progress=False)
     attrs = cfg.attributes
     assert study.seed_set_labels == ["seeds 0+", "seeds 1000+", "seeds 2000+"]
     assert study.map_steps == {0: 2, 333: 1} and sorted(study.word_maps) == [1, 2]
-    # each seed set keeps every seed's h at the map steps; the first also at the retrieval steps
+    # each seed set keeps every seed's h at the map steps and the retrieval steps
     assert study.projections["seeds 0+"].shape == (10, 3, 2, len(attrs))
-    assert study.latents["seeds 0+"].capture_steps == [0, 1, 2] and study.latents["seeds 1000+"].capture_steps == [1, 2]
+    assert all(lat.capture_steps == [0, 1, 2] for lat in study.latents.values())
+    # the score reads the whitened caption-map axes (cfg.axis_method), each with its attribute's mirror parity
+    assert all(wm.whitened is not None and wm.shrinkage == 3.0 for wm in study.word_maps.values())
+    lat0 = study.latents["seeds 0+"]
+    want = D.caption_axis_projections(lat0, study.word_maps, study.nouns, attrs, method="whitened", per_seed=True,
+                                      mirror=True)
+    np.testing.assert_allclose(study.projections["seeds 0+"], want)
+    assert not np.allclose(want, D.caption_axis_projections(lat0, study.word_maps, study.nouns, attrs,
+                                                            method="whitened", per_seed=True))
     # independent seed sets give different h
     assert not np.allclose(study.projections["seeds 0+"], study.projections["seeds 1000+"])
     assert set(study.rho.seed_set) == {*study.seed_set_labels, "all seed sets"}
@@ -240,7 +248,10 @@ def test_bias_study_end_to_end_on_a_tiny_text_pipeline(sd_model, tiny_animals, t
     np.testing.assert_allclose(D.score_table(study.scores["seeds 0+"]).to_numpy(),
                                D.combine_steps(study.projections["seeds 0+"].mean(1)), atol=1e-9)
     assert set(study.references.scores) == {"generated images (measured)", "text encoder"}
-    assert study.retrieval.t.tolist() == [0, 333, 666] and study.retrieval.n_images.eq(40).all()
+    assert study.retrieval.t.tolist() == [0, 333, 666] * 3 and study.retrieval.n_images.eq(40).all()
+    assert study.retrieval.seed_set.tolist() == [s for s in study.seed_set_labels for _ in range(3)]
+    rho, scores = B.readout_variants(study)
+    assert list(scores)[0].startswith("score:") and "text encoder" in scores and len(rho) == len(scores) * len(attrs)
     assert study.retrieval[["top1", "top5"]].apply(lambda c: c.between(0, 1)).all().all()
     # the summary: one row per attribute, every seed set with its interval, the worst, the baseline, steering
     eff = pd.DataFrame({"attribute": attrs, "monotonic": 1, "rho_value_strength": 0.5, "rho_paired": 0.9})
@@ -287,3 +298,64 @@ def test_name_sae_latents_trains_once_and_names_the_most_frequent_latents(tmp_pa
     assert len(list((tmp_path / "cache" / "sae").iterdir())) == 1
     again, _ = D.name_sae_latents(h, wm, cfg, key="t", n_latents=3, k=2)  # from the cache
     pd.testing.assert_frame_equal(again, named)
+
+
+def test_whitened_word_axis_reads_the_attribute_not_the_class_it_co_occurs_with():
+    """'textured' is written mostly for one class whose identity varies h a lot: the plain difference of means
+    mixes that identity into the texture axis, the whitened (shrinkage-LDA) axis much less; with a huge
+    shrinkage it tends to the plain one."""
+    rng = np.random.default_rng(0)
+    d, n = 40, 3000
+    texture_dir, identity_dir = np.eye(d)[0], np.eye(d)[1]
+    zebra = rng.random(n) < 0.3
+    textured = rng.random(n) < np.where(zebra, 0.9, 0.1)
+    h = (8.0 * zebra[:, None] * identity_dir + 0.5 * np.where(textured, 1, -1)[:, None] * texture_dir
+         + 0.3 * rng.normal(size=(n, d)))
+    h += 4.0 * rng.normal(size=(n, 1)) * identity_dir  # identity also varies within the classes
+    caps = [f"a drawing of a {'textured' if t else 'plain'} {'zebra' if z else 'cat'}" for t, z in zip(textured, zebra)]
+    wm = D.fit_word_map(h, caps, shrinkage=0.1)
+    plain, white = D.word_axis(wm, "texture", "mean_diff"), D.word_axis(wm, "texture", "whitened")
+    assert abs(white @ texture_dir) > 0.95 and abs(white @ identity_dir) < 0.2
+    assert abs(plain @ identity_dir) > 2 * abs(white @ identity_dir)
+    huge = D.fit_word_map(h, caps, shrinkage=1e6)
+    assert D.word_axis(huge, "texture", "whitened") @ plain > 0.999
+    with pytest.raises(ValueError, match="shrinkage"):
+        D.word_axis(D.fit_word_map(h, caps), "texture", "whitened")
+    with pytest.raises(ValueError, match="shrinkage must be"):
+        D.fit_word_map(h, caps, shrinkage=0.0)
+
+
+def test_mirror_axis_keeps_the_attributes_parity_and_removes_the_rest():
+    from revelio_nb.captions import ATTRIBUTES
+
+    assert ATTRIBUTES["facing"].mirror == -1 and ATTRIBUTES["size"].mirror == 1
+    rng = np.random.default_rng(0)
+    shape = (3, 4, 4)
+    a = rng.normal(size=int(np.prod(shape)))
+    sym, anti = D.mirror_axis(a, shape, 1), D.mirror_axis(a, shape, -1)
+    np.testing.assert_allclose(sym + anti, a)
+    flip = lambda v: v.reshape(shape)[..., ::-1].reshape(-1)  # noqa: E731
+    np.testing.assert_allclose(flip(sym), sym)
+    np.testing.assert_allclose(flip(anti), -anti)
+    with pytest.raises(ValueError, match="parity"):
+        D.mirror_axis(a, shape, 0)
+    with pytest.raises(ValueError, match="flattened"):
+        D.mirror_axis(a[:-1], shape, 1)
+    # a facing axis polluted by a mirror-symmetric class direction: with mirror=True a symmetric class h (a class
+    # that faces neither way) projects to exactly zero on facing, and the size axis loses its antisymmetric noise
+    ident = rng.normal(size=shape)
+    ident = (ident + ident[..., ::-1]).reshape(-1)
+    right = rng.normal(size=shape)
+    right = (right - right[..., ::-1]).reshape(-1)
+    words = rng.random((600, 2)) < 0.5
+    h = np.where(words[:, :1], 1.0, -1.0) * right + np.where(words[:, 1:], 1.0, 0.0) * ident
+    h += 0.1 * rng.normal(size=h.shape)
+    caps = [f"a drawing of a {'large' if b else 'small'} cat facing {'right' if a_ else 'left'}" for a_, b in words]
+    wm = D.fit_word_map(h, caps)
+    wm.mean_diff[wm.vocabulary.index("right")] += 3 * ident  # the pollution
+    prompts = [neutral_prompt(n) for n in NOUNS[:3]]
+    flat = np.stack([ident, 2 * ident, -ident]).astype(np.float32)
+    lat = D.PromptLatents(prompts, flat[:, :3], flat, shape=shape, capture_steps=[0])
+    plain = D.caption_axis_projections(lat, {0: wm}, NOUNS[:3], ["facing"])
+    parity = D.caption_axis_projections(lat, {0: wm}, NOUNS[:3], ["facing"], mirror=True)
+    assert np.abs(plain).max() > 1 and np.abs(parity).max() < 1e-6

@@ -21,8 +21,10 @@ def _tables(run):
     second = {**row, "model": "text s1", "attribute": "shape", "rho set 1": 0.5, "ci_low set 1": None,
               "rho text encoder": None, "steer_monotonic": None, "steer_rho": None, "steer_rho_paired": None}
     pd.DataFrame([row, second]).to_csv(t / "06_summary.csv", index=False)
-    pd.DataFrame([{"model": "text s0", "t": 0, "step": 9, "n_images": 500, "n_classes": 10, "top1": 0.61,
-                   "chance_top1": 0.1, "top5": 0.97, "chance_top5": 0.5}]).to_csv(t / "06_retrieval.csv", index=False)
+    rt = {"model": "text s0", "t": 0, "step": 9, "n_images": 500, "n_classes": 10, "top1": 0.61, "chance_top1": 0.1,
+          "top5": 0.97, "chance_top5": 0.5, "seed_set": "a"}
+    pd.DataFrame([rt, {**rt, "top1": 0.63, "top5": 0.99, "seed_set": "b"}, {**rt, "t": 300, "step": 6, "top1": 0.2}]
+                 ).to_csv(t / "06_retrieval.csv", index=False)
     pd.DataFrame([{"notebook": "00_a.ipynb", "seconds": 60.0, "status": "ok", "profile": "full"},
                   {"notebook": "01_b.ipynb", "seconds": 120.4, "status": "ok", "profile": "full"}]).to_csv(
         t / "timings.csv", index=False)
@@ -41,7 +43,7 @@ def test_run_markdown_collects_every_table(tmp_path):
             "| text encoder | steering monotonic | steering rho | steering rho (paired) |") in md
     assert "| text s0 | DDIM | size | 0.81 [0.70, 0.90] | 0.85 [0.72, 0.93] | 0.81 | 0.83 [0.76, 0.90] | 0.31 | yes | 1.00 | 0.95 |" in md
     assert "| text s1 | DDIM | shape | 0.50 | 0.85 [0.72, 0.93] | 0.81 | 0.83 [0.76, 0.90] | n/a | n/a | n/a | n/a |" in md
-    assert "t=0: 61 % / 97 %" in md and "chance 10 % / 50 %" in md
+    assert "mean of 2 seed sets): t=0: 62 % / 98 %, t=300: 20 % / 97 %." in md and "chance 10 % / 50 %" in md
     assert "00 60 s, 01 120 s; total 3.0 min" in md
     assert "unused" not in md
 

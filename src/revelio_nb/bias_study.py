@@ -41,15 +41,19 @@ class BiasStudyConfig:
     """Sizes and choices of :func:`bias_study` (defaults: notebook 06's full profile)."""
 
     attributes: list[str] = field(default_factory=lambda: list(C.ATTRIBUTES))
-    n_seeds: int = 96  # paired seeds per neutral prompt in each seed set
+    n_seeds: int = 128  # paired seeds per neutral prompt in each seed set
     seed_sets: int = 3  # independent seed sets (set r: seeds drawn from seed + 1000 r)
     seed: int = 0
     steps: int = 10  # DDIM steps
     guidance_scale: float = 1.0
-    t_maps: list[int] = field(default_factory=lambda: [0, 100])  # caption maps; the score reads h at these t
+    t_maps: list[int] = field(default_factory=lambda: [0])  # caption maps; the score reads h at these t
     form: str = "flat"  # "flat" (C*h*w: where things are) or "pooled" (C)
+    axis_method: str = "whitened"  # word axes: "whitened" (shrinkage LDA), "mean_diff" or "ridge" (fit_word_map)
+    shrinkage: float = 10.0  # of the whitened axes (x the mean variance per dimension of h)
+    mirror: bool = True  # flat axes keep only their attribute's mirror parity (facing antisymmetric, others symmetric)
     map_max_images: int = 3000  # training images behind the caption maps
-    retrieval_ts: list[int] = field(default_factory=lambda: [0, 100, 300, 500, 700])  # image-conditioning check
+    retrieval_ts: list[int] = field(default_factory=lambda: [0, 100, 300])  # image-conditioning check (every
+    # seed set captures the neutral pass at these steps too)
     retrieval_max_images: int = 500  # test images for the check (0: skip it)
     n_boot: int = 1000  # bootstrap resamples of the seeds
     ci: float = 0.9  # bootstrap interval level
@@ -68,6 +72,10 @@ class BiasStudyConfig:
             raise ValueError("t_maps is empty: give at least one timestep, e.g. [0, 100]")
         if self.form not in D.FORMS:
             raise ValueError(f"form {self.form!r} is not one of {list(D.FORMS)}")
+        if self.axis_method not in D.WORD_METHODS:
+            raise ValueError(f"axis_method {self.axis_method!r} is not one of {list(D.WORD_METHODS)}")
+        if not self.shrinkage > 0:
+            raise ValueError(f"shrinkage must be > 0, got {self.shrinkage}")
         if not 0 < self.ci < 1:
             raise ValueError(f"ci must be in (0, 1), got {self.ci}")
         return self
@@ -95,7 +103,7 @@ class BiasStudy:
     rho: pd.DataFrame  # rho_by_seed_set: per seed set and all sets, with bootstrap intervals
     references: pd.DataFrame  # rho of the reference scores (text encoder, generated images) per seed set
     text_encoder_scores: pd.DataFrame
-    retrieval: pd.DataFrame | None  # caption_retrieval per t (None when skipped)
+    retrieval: pd.DataFrame | None  # caption_retrieval per (seed set, t) (None when skipped)
 
     @property
     def label(self) -> str:
@@ -165,21 +173,23 @@ def bias_study(model: DiffusionModel, dataset, config: BiasStudyConfig | None = 
     word_maps = {}
     for t, step in map_steps.items():
         h = np.asarray(store.array("mid_block", t), np.float32)
-        word_maps[step] = D.fit_word_map(h.reshape(len(h), -1) if cfg.form == "flat" else h.mean((2, 3)), caps)
+        word_maps[step] = D.fit_word_map(h.reshape(len(h), -1) if cfg.form == "flat" else h.mean((2, 3)), caps,
+                                         shrinkage=cfg.shrinkage if cfg.axis_method == "whitened" else None)
 
-    # neutral prompts on independent seed sets (the first also captures the retrieval steps)
+    # neutral prompts on independent seed sets (each also captures the retrieval steps)
     neutral = [C.neutral_prompt(n) for n in nouns]
     retrieval_steps = steps_of(model, cfg.retrieval_ts, cfg.steps) if cfg.retrieval_max_images else {}
     latents, projections, scores, refs = {}, {}, {}, []
     for r in range(cfg.seed_sets):
-        capture = set(map_steps.values()) | (set(retrieval_steps.values()) if r == 0 else set())
+        capture = set(map_steps.values()) | set(retrieval_steps.values())
         sc = D.SampleConfig(n_seeds=cfg.n_seeds, steps=cfg.steps, guidance_scale=cfg.guidance_scale,
                             seed=cfg.seed_of(r), capture_steps=sorted(capture), h_condition="neutral",
                             batch_size=cfg.batch_size)
         label = _seed_label(cfg.seed_of(r))
         lat = D.prompt_latents(model, neutral, sc, keep_images=True, keep_seeds=True, progress=progress)
         latents[label] = lat
-        projections[label] = D.caption_axis_projections(lat, word_maps, nouns, attrs, form=cfg.form, per_seed=True)
+        projections[label] = D.caption_axis_projections(lat, word_maps, nouns, attrs, form=cfg.form,
+                                                        method=cfg.axis_method, per_seed=True, mirror=cfg.mirror)
         scores[label] = D.scores_frame(D.combine_steps(projections[label].mean(1)), nouns, attrs)
         drawn = D.generated_attribute_scores(lat, nouns, attrs)
         refs.append(D.compare_with_ground_truth(drawn, truth, label="generated images (measured)")
@@ -204,8 +214,8 @@ def bias_study(model: DiffusionModel, dataset, config: BiasStudyConfig | None = 
             model=model, dataset=dataset, progress=progress)
         image_h = {t: np.asarray(test.array("mid_block", t), np.float32) for t in retrieval_steps}
         labels = np.asarray(dataset.labels)[test.indices]
-        retrieval = D.caption_retrieval(latents[_seed_label(cfg.seed_of(0))], image_h, labels, nouns,
-                                        retrieval_steps, form=cfg.form)
+        retrieval = pd.concat([D.caption_retrieval(lat, image_h, labels, nouns, retrieval_steps, form=cfg.form)
+                               .assign(seed_set=label) for label, lat in latents.items()], ignore_index=True)
     return BiasStudy(cfg, model.model_id, nouns, truth, cs, store, word_maps, map_steps, latents, projections,
                      scores, rho, pd.concat(refs, ignore_index=True), te, retrieval)
 
@@ -215,18 +225,30 @@ def bias_study(model: DiffusionModel, dataset, config: BiasStudyConfig | None = 
 
 def readout_variants(study: BiasStudy, prompt_latents: D.PromptLatents | None = None
                      ) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
-    """rho of the study's score beside the other readouts, all on the first seed set: the same caption-map axes
-    on pooled h; the paper's prompt-pair axes on ``prompt_latents`` (attribute prompts, prompt pass; flat, pooled,
+    """rho of the study's score beside the other readouts, all on the first seed set: the caption-map axes of the
+    other method (plain difference of means vs whitened) and on the other form (pooled vs flat); the paper's
+    prompt-pair axes on ``prompt_latents`` (attribute prompts, prompt pass; flat, pooled,
     and centred on each class's own prompts); the text encoder (global and class centre); the attribute measured on
     the images the neutral prompts drew. Returns (rho rows with ``scores`` = readout name, {name: scores})."""
     nouns, attrs = study.nouns, study.config.attributes
     first = study.seed_set_labels[0]
     lat = study.latents[first]
-    pooled_maps = {step: D.fit_word_map(study.map_h(t, "pooled"), study.map_captions)
-                   for t, step in study.map_steps.items()}
-    scores = {"h neutral prompts, flat, caption-map axes": study.scores[first],
-              "h neutral prompts, pooled, caption-map axes": D.caption_axis_bias(lat, pooled_maps, nouns, attrs,
-                                                                                 form="pooled")}
+    cfg = study.config
+    other_form = "pooled" if cfg.form == "flat" else "flat"
+    maps = {cfg.form: study.word_maps if study.word_maps[next(iter(study.word_maps))].whitened is not None else
+            {step: D.fit_word_map(study.map_h(t, cfg.form), study.map_captions, shrinkage=cfg.shrinkage)
+             for t, step in study.map_steps.items()},
+            other_form: {step: D.fit_word_map(study.map_h(t, other_form), study.map_captions, shrinkage=cfg.shrinkage)
+                         for t, step in study.map_steps.items()}}
+    scores = {f"score: h neutral prompts, {cfg.form}, caption-map {cfg.axis_method} axes"
+              f"{', mirror parity' if cfg.mirror and cfg.form == 'flat' else ''}": study.scores[first]}
+    plain = "mean_diff" if cfg.axis_method != "mean_diff" else "whitened"
+    for form, method, mirror in ((cfg.form, cfg.axis_method, not cfg.mirror), (cfg.form, plain, cfg.mirror),
+                                 (cfg.form, plain, not cfg.mirror), (other_form, cfg.axis_method, False)):
+        if form == "pooled" and mirror:
+            continue
+        label = f"h neutral prompts, {form}, caption-map {method} axes{', mirror parity' if mirror else ''}"
+        scores[label] = D.caption_axis_bias(lat, maps[form], nouns, attrs, form=form, method=method, mirror=mirror)
     if prompt_latents is not None:
         for name, (form, centre) in {"h prompt pass, flat": ("flat", "global"),
                                      "h prompt pass, pooled": ("pooled", "global"),

@@ -589,7 +589,8 @@ def attribute_axes_by_step(lat: PromptLatents, nouns: Sequence[str], attribute: 
 
 
 def word_axis(word_map: "WordMap", attribute: str, method: str = "mean_diff") -> np.ndarray:
-    """An attribute axis from the caption map: word vector of the high word minus that of the low word (unit)."""
+    """An attribute axis from the caption map: word vector of the high word minus that of the low word (unit);
+    ``method``: "mean_diff", "ridge" or "whitened" (see :func:`fit_word_map`)."""
     a = ATTRIBUTES[attribute]
     return _unit(word_map.word(a.high, method) - word_map.word(a.low, method))
 
@@ -668,17 +669,39 @@ def _pool(h: np.ndarray, lat: PromptLatents, form: str) -> np.ndarray:
     return h.reshape(*h.shape[:-1], lat.shape[0], -1).mean(-1)
 
 
+def mirror_axis(axis: np.ndarray, shape: Sequence[int], parity: int) -> np.ndarray:
+    """The part of a flattened spatial axis ((C*h*w,), block output ``shape`` (C, h, w)) with the given mirror
+    parity: (a + parity * mirrored a) / 2, mirrored = flipped left-right. An attribute that survives mirroring
+    the image (size, shape, texture: parity +1) has a mirror-symmetric axis, one that flips sign (facing: -1) an
+    antisymmetric one; the other part is estimation noise (or something else the words co-occur with), since h of a
+    mirrored image is close to the mirrored h (convolutions, up to their kernels' own asymmetry)."""
+    if parity not in (1, -1):
+        raise ValueError(f"mirror parity must be +1 or -1, got {parity!r}")
+    a = np.asarray(axis, dtype=np.float64)
+    if len(shape) != 3 or a.size != int(np.prod(shape)):
+        raise ValueError(f"an axis of {a.size} values is not a flattened (C, h, w) map of shape {tuple(shape)}")
+    m = a.reshape(shape)
+    return ((m + parity * m[..., ::-1]) / 2).reshape(a.shape)
+
+
 def caption_axis_projections(lat: PromptLatents, word_maps: dict[int, "WordMap"], nouns: Sequence[str],
                              attributes: Sequence[str] | None = None, form: str = "flat", method: str = "mean_diff",
-                             template: str | None = None, per_seed: bool = False) -> np.ndarray:
+                             template: str | None = None, per_seed: bool = False, mirror: bool = False) -> np.ndarray:
     """Neutral prompts' h projected on each step's caption-map word axes (high word - low word, :func:`word_axis`).
 
     Returns (nouns, steps, attributes) from the seed-mean h, or with ``per_seed`` (needs ``flat_seeds``, i.e.
     ``prompt_latents(keep_seeds=True)``) every seed's projection, (nouns, seeds, steps, attributes); projection is
-    linear, so the mean over seeds of the latter is the former. Steps are in ``word_maps`` order.
+    linear, so the mean over seeds of the latter is the former. Steps are in ``word_maps`` order. With ``mirror``
+    (flat form) each axis keeps only its part of the attribute's mirror parity (:func:`mirror_axis`,
+    :attr:`revelio_nb.captions.Attribute.mirror`).
     """
     attributes = list(ATTRIBUTES) if attributes is None else list(attributes)
     axes = _step_axes(lat, word_maps, attributes, method)
+    if mirror and form == "flat":
+        if lat.shape is None or len(lat.shape) != 3:
+            raise ValueError(f"mirror needs spatial latents (C, h, w); these have shape {lat.shape}")
+        axes = [np.stack([mirror_axis(ax[j], lat.shape, ATTRIBUTES[a].mirror) for j, a in enumerate(attributes)])
+                for ax in axes]
     idx = _neutral_indices(lat, nouns, template)
     out = []
     for step, ax in zip(word_maps, axes):
@@ -713,7 +736,8 @@ def scores_frame(scores: np.ndarray, nouns: Sequence[str], attributes: Sequence[
 
 def caption_axis_bias(lat: PromptLatents, word_maps: dict[int, "WordMap"], nouns: Sequence[str],
                       attributes: Sequence[str] | None = None, form: str = "flat", method: str = "mean_diff",
-                      template: str | None = None, seeds: np.ndarray | None = None) -> pd.DataFrame:
+                      template: str | None = None, seeds: np.ndarray | None = None, mirror: bool = False
+                      ) -> pd.DataFrame:
     """Bias read along the sampling trajectory with axes named by caption words (METHODS.md §2 steps 3-4).
 
     ``word_maps`` maps a capture step of ``lat`` to a :class:`WordMap` fitted on real captioned images noised to
@@ -721,14 +745,15 @@ def caption_axis_bias(lat: PromptLatents, word_maps: dict[int, "WordMap"], nouns
     h is projected on the attribute's word axis (high word - low word, :func:`word_axis`); the scores are
     standardised across nouns per (step, attribute) and averaged over the steps (:func:`combine_steps`). Same
     layout as :func:`bias_scores` (one row per noun and attribute, ``score``, ``rank``). ``seeds`` (indices
-    into the seeds, needs ``keep_seeds``) reads the score from a subset of the seeds only.
+    into the seeds, needs ``keep_seeds``) reads the score from a subset of the seeds only; ``method`` and
+    ``mirror`` choose the axes (:func:`caption_axis_projections`).
     """
     attributes = list(ATTRIBUTES) if attributes is None else list(attributes)
     if seeds is None:
-        proj = caption_axis_projections(lat, word_maps, nouns, attributes, form, method, template)
+        proj = caption_axis_projections(lat, word_maps, nouns, attributes, form, method, template, mirror=mirror)
     else:
-        proj = caption_axis_projections(lat, word_maps, nouns, attributes, form, method, template,
-                                        per_seed=True)[:, np.asarray(seeds)].mean(1)
+        proj = caption_axis_projections(lat, word_maps, nouns, attributes, form, method, template, per_seed=True,
+                                        mirror=mirror)[:, np.asarray(seeds)].mean(1)
     return scores_frame(combine_steps(proj), nouns, attributes)
 
 
@@ -982,9 +1007,13 @@ def word_matrix(captions: Sequence[str], vocabulary: Sequence[str] | None = None
     return x, vocabulary
 
 
+WORD_METHODS = ("ridge", "mean_diff", "whitened")
+
+
 @dataclass
 class WordMap:
-    """Word directions in h-space: ``mean_diff`` and ``ridge`` are (V, d), rows in ``vocabulary`` order."""
+    """Word directions in h-space: ``mean_diff``, ``ridge`` (and ``whitened`` when fitted with ``shrinkage``) are
+    (V, d), rows in ``vocabulary`` order."""
 
     vocabulary: list[str]
     mean_diff: np.ndarray
@@ -992,10 +1021,16 @@ class WordMap:
     counts: np.ndarray
     mean: np.ndarray  # mean h of the fitted images
     alpha: float = 1.0
+    whitened: np.ndarray | None = None  # (cov + lambda I)^-1 mean_diff rows: discriminative word directions
+    shrinkage: float | None = None  # lambda / (mean variance per dimension of h)
 
     def vectors(self, method: str = "ridge") -> np.ndarray:
-        if method not in ("ridge", "mean_diff"):
-            raise ValueError(f"unknown method {method!r}; valid: 'ridge', 'mean_diff'")
+        if method not in WORD_METHODS:
+            raise ValueError(f"unknown method {method!r}; valid: {list(WORD_METHODS)}")
+        if method == "whitened":
+            if self.whitened is None:
+                raise ValueError("this word map has no whitened vectors: fit it with fit_word_map(..., shrinkage=...)")
+            return self.whitened
         return self.ridge if method == "ridge" else self.mean_diff
 
     def word(self, word: str, method: str = "ridge") -> np.ndarray:
@@ -1041,12 +1076,20 @@ class WordMap:
 
 def fit_word_map(h: np.ndarray, captions: Sequence[str] | None = None, *, words: np.ndarray | None = None,
                  vocabulary: Sequence[str] | None = None, alpha: float = 1.0, min_count: int = 5,
-                 stopwords: frozenset[str] = DEFAULT_STOPWORDS) -> WordMap:
+                 stopwords: frozenset[str] = DEFAULT_STOPWORDS, shrinkage: float | None = None) -> WordMap:
     """Associate caption words with h (N, d): difference of means (with vs without the word) and ridge
     regression from word indicators to centred h, ``B = (X^T X + alpha I)^-1 X^T (h - mean)`` (X centred).
 
+    With ``shrinkage`` (> 0) also the *whitened* word directions ``(S + lambda I)^-1 mean_diff`` (S = covariance
+    of h over the images, lambda = ``shrinkage`` x its mean variance per dimension): the shrinkage-LDA direction of
+    each word, which down-weights the directions h varies most along for other reasons (class identity, overall
+    ink), so an attribute axis built from them (:func:`word_axis` with ``method="whitened"``) reads the attribute
+    rather than what merely co-occurs with its words. Large ``shrinkage`` tends to the plain mean difference.
+
     Pass ``captions`` or a ready ``words`` matrix with its ``vocabulary``.
     """
+    if shrinkage is not None and not shrinkage > 0:
+        raise ValueError(f"shrinkage must be > 0 (or None), got {shrinkage!r}")
     h = np.asarray(h, dtype=np.float64)
     if words is None:
         if captions is None:
@@ -1071,8 +1114,16 @@ def fit_word_map(h: np.ndarray, captions: Sequence[str] | None = None, *, words:
     hc = h - mean
     gram = xc.T @ xc + alpha * np.eye(x.shape[1])
     ridge = np.linalg.solve(gram, xc.T @ hc)
+    whitened = None
+    if shrinkage is not None:
+        _, sv, vt = np.linalg.svd(hc, full_matrices=False)
+        ev = sv ** 2 / len(hc)  # covariance eigenvalues along the rows of vt
+        lam = float(shrinkage) * max(float(ev.sum()) / h.shape[1], 1e-12)
+        c = md @ vt.T  # (V, rank): coordinates in the span of the data
+        whitened = (c / (ev + lam)) @ vt + (md - c @ vt) / lam
     return WordMap(list(vocabulary), md.astype(np.float32), ridge.astype(np.float32), counts, mean.astype(np.float32),
-                   float(alpha))
+                   float(alpha), None if whitened is None else whitened.astype(np.float32),
+                   None if shrinkage is None else float(shrinkage))
 
 
 def caption_retrieval(lat: PromptLatents, image_h: dict[int, np.ndarray], labels: np.ndarray,
