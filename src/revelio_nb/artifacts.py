@@ -175,18 +175,30 @@ def latents_dir(sae_folder: str | os.PathLike, eval_store: "FeatureStore", top_n
 # ------------------------------------------------------------------------------------------ prompt latents
 
 
-def prompt_latents_key(model: "DiffusionModel", prompts: Sequence[str], cfg: Any, keep_images: bool) -> str:
+def prompt_latents_key(model: "DiffusionModel", prompts: Sequence[str], cfg: Any, keep_images: bool,
+                       keep_seeds: bool = False) -> str:
     """Key of a prompt-latent sampling run (``cfg``: a :class:`revelio_nb.directions.SampleConfig`).
 
     ``h_condition`` is left out: one sampling run records both passes when it has them.
     """
     run = {k: v for k, v in _plain(cfg).items() if k != "h_condition"}
     return key_of({"v": FORMATS["prompt_latents"], "model": model_identity(model), "prompts": list(prompts),
-                   "config": run, "images": bool(keep_images)})
+                   "config": run, "images": bool(keep_images), **({"seeds": True} if keep_seeds else {})})
 
 
-def prompt_latents_dir(model: "DiffusionModel", prompts: Sequence[str], cfg: Any, keep_images: bool) -> Path:
-    return cache_dir("directions") / f"latents-{prompt_latents_key(model, prompts, cfg, keep_images)}"
+def prompt_latents_dir(model: "DiffusionModel", prompts: Sequence[str], cfg: Any, keep_images: bool,
+                       keep_seeds: bool = False) -> Path:
+    """Folder of a prompt-latent run (``keep_seeds``: per-seed h kept, for intervals over seeds)."""
+    return cache_dir("directions") / f"latents-{prompt_latents_key(model, prompts, cfg, keep_images, keep_seeds)}"
+
+
+def array_sae_dir(x: np.ndarray, cfg: Any, label: str = "") -> Path:
+    """``<cache>/sae/<label>-<key>`` of a k-SAE trained with ``cfg`` on the in-memory rows ``x`` (e.g. prompt h in
+    notebook 06), keyed by the rows' bytes and the training config."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    data = hashlib.sha256(x.tobytes()).hexdigest()
+    key = key_of({"v": FORMATS["sae"], "rows": data, "shape": list(x.shape), "train": sae_train_identity(cfg)})
+    return cache_dir("sae") / f"{_slug(label, 32) + '-' if label else ''}{key}"
 
 
 # ------------------------------------------------------------------------------------------ latent browser

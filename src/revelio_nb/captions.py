@@ -58,6 +58,7 @@ class Attribute:
     phrase: str = "{word}"  # how the word is written in a caption ("facing {word}")
     slot: str = "pre"  # "pre": before the class noun; "post": after it
     quantiles: tuple[float, float] = (1 / 3, 2 / 3)  # training-split quantiles: below -> low word, above -> high
+    mirror: int = 1  # mirror parity: +1 the value survives a left-right mirror of the image, -1 it flips sign
 
     @property
     def words(self) -> tuple[str, str]:
@@ -185,7 +186,7 @@ ATTRIBUTES: dict[str, Attribute] = {
     "size": Attribute("size", "large", "small", silhouette_area),
     "shape": Attribute("shape", "wide", "tall", aspect_ratio),
     "texture": Attribute("texture", "textured", "plain", texture, quantiles=(0.5, 0.8)),
-    "facing": Attribute("facing", "right", "left", facing, phrase="facing {word}", slot="post"),
+    "facing": Attribute("facing", "right", "left", facing, phrase="facing {word}", slot="post", mirror=-1),
 }
 
 

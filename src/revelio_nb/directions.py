@@ -16,9 +16,14 @@
 4. **Bias** (:func:`bias_scores`): neutral prompts ("a drawing of a cat") projected on each attribute axis;
    ranking, clustering (:func:`cluster_prompts`), and the same scores on the text encoder's own embeddings
    (:func:`text_encoder_latents`) as the baseline; :func:`compare_with_ground_truth` gives Spearman rho against
-   the attribute rates of the training captions.
-5. **Causal check** (:func:`steer`, :func:`steering_effect`): add ``strength * direction`` to h during sampling and
-   measure the attribute on the generated images with the same functions that wrote the captions.
+   the attribute rates of the training captions. :func:`caption_axis_bias` reads the bias along caption-map word
+   axes; with every seed's h kept (``keep_seeds``), :func:`bootstrap_rho` / :func:`rho_by_seed_set` give rho on
+   independent seed sets with bootstrap intervals over the (paired) seeds, and :func:`caption_retrieval` checks
+   that h of real images noised to t retrieves its own class's prompt latent (the method's image-conditioning
+   check). :mod:`revelio_nb.bias_study` runs the whole study.
+5. **Causal check** (:func:`steer`, :func:`steer_attributes`, :func:`steering_effect`): add ``strength *
+   direction`` to h during sampling (one direction, or one per timestep) and measure the attribute on the generated
+   images with the same functions that wrote the captions.
 """
 
 from __future__ import annotations
@@ -116,6 +121,10 @@ class SteeringHook:
     """Adds ``strength * direction`` to a block's **image stream** while registered (and while ``active``); the
     text stream of joint (SD3 / FLUX) blocks is left untouched.
 
+    ``direction`` is one vector ((C,), (C, h, w) or (C*h*w,)) or a {timestep: vector} mapping: then the vector of
+    the timestep nearest to the denoiser's current one is added (h-space directions change along the trajectory;
+    :func:`attribute_axes_by_step` gives one per sampling step).
+
     >>> with SteeringHook(model, direction, strength=2.0):
     ...     images = sample(model, 8, prompts="a drawing of a cat")
     """
@@ -124,11 +133,37 @@ class SteeringHook:
         block = model.resolve_block(block) if hasattr(model, "resolve_block") else block
         self.module = _block_module(model, block)
         self.model = model
+        self.denoiser = model.denoiser
+        if isinstance(direction, dict):
+            if not direction:
+                raise ValueError("an empty {timestep: direction} mapping")
+            direction = {int(t): v for t, v in direction.items()}
         self.direction = direction
         self.strength = float(strength)
         self.block = block
         self.active = True
-        self._handle = None
+        self._t: int | None = None
+        self._handles: list = []
+
+    @property
+    def per_timestep(self) -> bool:
+        """Whether the direction depends on the timestep ({timestep: direction}; the nearest timestep's is added)."""
+        return isinstance(self.direction, dict)
+
+    def _record_t(self, module, args, kwargs):
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        if t is not None:
+            t = torch.as_tensor(t)
+            self._t = int(t.reshape(-1)[0]) if t.numel() else None
+
+    def current(self) -> Any:
+        """The direction added now (for per-timestep directions, the one of the nearest timestep)."""
+        if not self.per_timestep:
+            return self.direction
+        if self._t is None:
+            raise RuntimeError(f"per-timestep steering of {self.block!r}: the denoiser ran without a timestep argument")
+        keys = np.array(sorted(self.direction))
+        return self.direction[int(keys[np.argmin(np.abs(keys - self._t))])]
 
     def _hook(self, module, args, output):
         if not self.active or self.strength == 0.0:
@@ -137,20 +172,23 @@ class SteeringHook:
         stream = adapter.image_stream(self.block, module, output)
         if stream is None:
             raise TypeError(f"cannot steer block {self.block!r}: it returns {type(output).__name__}")
-        new = stream + self.strength * _as_direction(self.direction, stream)
+        new = stream + self.strength * _as_direction(self.current(), stream)
         return adapter.with_image_stream(self.block, module, output, new)
 
     def __enter__(self) -> "SteeringHook":
-        self._handle = self.module.register_forward_hook(self._hook)
+        if self.per_timestep:
+            self._handles.append(self.denoiser.register_forward_pre_hook(self._record_t, with_kwargs=True))
+        self._handles.append(self.module.register_forward_hook(self._hook))
         return self
 
     def __exit__(self, *exc) -> None:
         self.remove()
 
     def remove(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._t = None
 
 
 @contextmanager
@@ -174,6 +212,11 @@ def step_index(model: DiffusionModel, steps: int, t: int) -> int:
     ts = np.asarray([float(v) for v in sampler.timesteps])
     hw = model.latent_shape(1, model.native_image_size)[-2:]
     return int(np.argmin(np.abs(ts - float(model.model_timestep(t, hw)))))
+
+
+def step_timesteps(model: DiffusionModel, steps: int) -> list[int]:
+    """The timestep of every DDIM step (index 0 = pure noise) of a ``steps``-step run."""
+    return [int(t) for t in _scheduler(model, steps).timesteps]
 
 
 def _start_noise(model: DiffusionModel, n_seeds: int, seed: int, size: int) -> torch.Tensor:
@@ -307,6 +350,8 @@ class PromptLatents:
     flat_steps: np.ndarray | None = None  # (P, len(capture_steps), C*h*w): flat h of each capture step, when > 1
     capture_steps: list[int] | None = None  # the steps averaged into ``flat``
     images: np.ndarray | None = None  # uint8 (P, S, H, W, C) when kept (see :meth:`images_of`)
+    flat_seeds: np.ndarray | None = None  # float16 (P, S, len(capture_steps), C*h*w): each seed's flat h at each
+    # capture step, when kept (``prompt_latents(keep_seeds=True)``): for bootstrap intervals over seeds
     source: str = ""
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -349,10 +394,21 @@ class PromptLatents:
         rule: the mean over these prompts)."""
         if not self.capture_steps or step not in self.capture_steps:
             raise ValueError(f"step {step} was not captured; capture_steps: {self.capture_steps}")
-        flat = self.flat if len(self.capture_steps) == 1 else self.flat_steps[:, self.capture_steps.index(step)]
+        k = self.capture_steps.index(step)
+        flat = self.flat if len(self.capture_steps) == 1 else self.flat_steps[:, k]
         pooled = self.pooled_steps[:, step] if self.pooled_steps is not None else self.pooled
+        seeds = self.flat_seeds[:, :, k : k + 1] if self.flat_seeds is not None else None
         return PromptLatents(self.prompts, pooled, flat, shape=self.shape, images=self.images,
-                             source=f"{self.source} @ step {step}", config=self.config, capture_steps=[step])
+                             source=f"{self.source} @ step {step}", config=self.config, capture_steps=[step],
+                             flat_seeds=seeds)
+
+    @property
+    def n_seeds(self) -> int | None:
+        """Seeds per prompt behind these latents (None when unknown, e.g. text-encoder embeddings)."""
+        if self.flat_seeds is not None:
+            return int(self.flat_seeds.shape[1])
+        n = self.config.get("n_seeds") if self.config else None
+        return None if n is None else int(n)
 
     def images_of(self, prompts: str | Sequence[str]) -> np.ndarray:
         """The kept images of some prompts, all seeds, stacked: uint8 (sum of seeds, H, W, C)."""
@@ -405,7 +461,8 @@ def _latents_from_run(arrays: dict[str, np.ndarray], meta: dict[str, Any], condi
     return PromptLatents(meta["prompts"], steps[:, idx].mean(1).astype(np.float32), arrays[f"{condition}.flat"],
                          pooled_steps=steps, shape=tuple(meta["shape"]), images=arrays.get("images"),
                          source=f"{meta['source']} (h: {condition} pass)", config=config,
-                         flat_steps=flat_steps, capture_steps=list(meta["capture_steps"]))
+                         flat_steps=flat_steps, capture_steps=list(meta["capture_steps"]),
+                         flat_seeds=arrays.get(f"{condition}.flat_seeds"))
 
 
 def prompt_latents(
@@ -414,6 +471,7 @@ def prompt_latents(
     config: SampleConfig | None = None,
     *,
     keep_images: bool = False,
+    keep_seeds: bool = False,
     cache: bool = True,
     progress: bool = True,
 ) -> PromptLatents:
@@ -427,7 +485,7 @@ def prompt_latents(
     prompts = list(dict.fromkeys(prompts))
     if not prompts:
         raise ValueError("no prompts given")
-    folder = artifacts.prompt_latents_dir(model, prompts, cfg, keep_images)
+    folder = artifacts.prompt_latents_dir(model, prompts, cfg, keep_images, keep_seeds)
     if cache and (hit := _load_run(folder)) is not None and f"{cfg.h_condition}.flat" in hit[0]:
         return _latents_from_run(*hit, cfg.h_condition, cfg.capture_steps, asdict(cfg))
     n_p, steps = len(prompts), cfg.steps
@@ -444,15 +502,20 @@ def prompt_latents(
                 acc[f"{cond}.flat"] = np.zeros((n_p, int(np.prod(h.shape[1:]))), np.float64)
                 if len(keep) > 1:
                     acc[f"{cond}.flat_steps"] = np.zeros((n_p, len(keep), int(np.prod(h.shape[1:]))), np.float32)
+                if keep_seeds:
+                    acc[f"{cond}.flat_seeds"] = np.zeros((n_p, len(h), len(keep), int(np.prod(h.shape[1:]))),
+                                                         np.float16)
             hm = h.mean(0)  # mean over seeds
             acc[f"{cond}.pooled_steps"][p, i] = hm.flatten(1).mean(1).numpy() if hm.ndim > 1 else hm.numpy()
             if i in keep:
                 acc[f"{cond}.flat"][p] += hm.reshape(-1).double().numpy() / len(keep)
                 if len(keep) > 1:
                     acc[f"{cond}.flat_steps"][p, keep.index(i)] = hm.reshape(-1).numpy()
+                if keep_seeds:
+                    acc[f"{cond}.flat_seeds"][p, :, keep.index(i)] = h.reshape(len(h), -1).numpy()
 
     images = generate(model, prompts, cfg, on_h=on_h, progress=progress, desc="prompt latents")
-    arrays = {k: v.astype(np.float32) for k, v in acc.items()}
+    arrays = {k: v if v.dtype == np.float16 else v.astype(np.float32) for k, v in acc.items()}
     if keep_images:
         from .sampling import to_uint8
 
@@ -522,8 +585,25 @@ def attribute_axis(lat: PromptLatents, nouns: Sequence[str], attribute: str, for
     return concept_direction(lat, high, low, form, normalise)
 
 
+def attribute_axes_by_step(lat: PromptLatents, nouns: Sequence[str], attribute: str, timesteps: Sequence[int],
+                           form: str = "flat", normalise: bool = False,
+                           template: str | None = None) -> dict[int, np.ndarray]:
+    """The attribute axis of each captured sampling step, keyed by that step's timestep ({t: axis}), for
+    steering with the direction h actually takes at each step (:class:`SteeringHook` takes the mapping).
+
+    ``timesteps`` lists the timestep of every step of the run behind ``lat`` (:func:`step_timesteps`).
+    """
+    if not lat.capture_steps:
+        raise ValueError(f"these latents ({lat.source}) have no capture steps")
+    if len(timesteps) <= max(lat.capture_steps):
+        raise ValueError(f"{len(timesteps)} timesteps given, but step {max(lat.capture_steps)} was captured")
+    return {int(timesteps[s]): attribute_axis(lat.at_step(s), nouns, attribute, form, normalise, template)
+            for s in lat.capture_steps}
+
+
 def word_axis(word_map: "WordMap", attribute: str, method: str = "mean_diff") -> np.ndarray:
-    """An attribute axis from the caption map: word vector of the high word minus that of the low word (unit)."""
+    """An attribute axis from the caption map: word vector of the high word minus that of the low word (unit);
+    ``method``: "mean_diff", "ridge" or "whitened" (see :func:`fit_word_map`)."""
     a = ATTRIBUTES[attribute]
     return _unit(word_map.word(a.high, method) - word_map.word(a.low, method))
 
@@ -577,33 +657,206 @@ def bias_scores(lat: PromptLatents, nouns: Sequence[str], attributes: Sequence[s
     return df
 
 
+def _neutral_indices(lat: PromptLatents, nouns: Sequence[str], template: str | None) -> np.ndarray:
+    kw = {} if template is None else {"template": template}
+    return lat.indices([neutral_prompt(n, **kw) for n in nouns])
+
+
+def _step_axes(lat: PromptLatents, word_maps: dict[int, "WordMap"], attributes: list[str], method: str) -> list:
+    if not word_maps:
+        raise ValueError("no word maps given: pass {capture step: WordMap}")
+    missing = [s for s in word_maps if not lat.capture_steps or s not in lat.capture_steps]
+    if missing:
+        raise ValueError(f"steps {missing} were not captured; capture_steps: {lat.capture_steps}")
+    return [np.stack([word_axis(wm, a, method) for a in attributes]) for wm in word_maps.values()]
+
+
+def _pool(h: np.ndarray, lat: PromptLatents, form: str) -> np.ndarray:
+    """Flat h (..., C*h*w) -> the requested form (pooled: mean over space)."""
+    if form not in FORMS:
+        raise ValueError(f"unknown form {form!r}; valid: {list(FORMS)}")
+    if form == "flat":
+        return h
+    if lat.shape is None:
+        raise ValueError("pooled projections of flat h need the block's output shape (lat.shape)")
+    return h.reshape(*h.shape[:-1], lat.shape[0], -1).mean(-1)
+
+
+def mirror_axis(axis: np.ndarray, shape: Sequence[int], parity: int) -> np.ndarray:
+    """The part of a flattened spatial axis ((C*h*w,), block output ``shape`` (C, h, w)) with the given mirror
+    parity: (a + parity * mirrored a) / 2, mirrored = flipped left-right. An attribute that survives mirroring
+    the image (size, shape, texture: parity +1) has a mirror-symmetric axis, one that flips sign (facing: -1) an
+    antisymmetric one; the other part is estimation noise (or something else the words co-occur with), since h of a
+    mirrored image is close to the mirrored h (convolutions, up to their kernels' own asymmetry)."""
+    if parity not in (1, -1):
+        raise ValueError(f"mirror parity must be +1 or -1, got {parity!r}")
+    a = np.asarray(axis, dtype=np.float64)
+    if len(shape) != 3 or a.size != int(np.prod(shape)):
+        raise ValueError(f"an axis of {a.size} values is not a flattened (C, h, w) map of shape {tuple(shape)}")
+    m = a.reshape(shape)
+    return ((m + parity * m[..., ::-1]) / 2).reshape(a.shape)
+
+
+def caption_axis_projections(lat: PromptLatents, word_maps: dict[int, "WordMap"], nouns: Sequence[str],
+                             attributes: Sequence[str] | None = None, form: str = "flat", method: str = "mean_diff",
+                             template: str | None = None, per_seed: bool = False, mirror: bool = False) -> np.ndarray:
+    """Neutral prompts' h projected on each step's caption-map word axes (high word - low word, :func:`word_axis`).
+
+    Returns (nouns, steps, attributes) from the seed-mean h, or with ``per_seed`` (needs ``flat_seeds``, i.e.
+    ``prompt_latents(keep_seeds=True)``) every seed's projection, (nouns, seeds, steps, attributes); projection is
+    linear, so the mean over seeds of the latter is the former. Steps are in ``word_maps`` order. With ``mirror``
+    (flat form) each axis keeps only its part of the attribute's mirror parity (:func:`mirror_axis`,
+    :attr:`revelio_nb.captions.Attribute.mirror`).
+    """
+    attributes = list(ATTRIBUTES) if attributes is None else list(attributes)
+    axes = _step_axes(lat, word_maps, attributes, method)
+    if mirror and form == "flat":
+        if lat.shape is None or len(lat.shape) != 3:
+            raise ValueError(f"mirror needs spatial latents (C, h, w); these have shape {lat.shape}")
+        axes = [np.stack([mirror_axis(ax[j], lat.shape, ATTRIBUTES[a].mirror) for j, a in enumerate(attributes)])
+                for ax in axes]
+    idx = _neutral_indices(lat, nouns, template)
+    out = []
+    for step, ax in zip(word_maps, axes):
+        k = lat.capture_steps.index(step)
+        if per_seed:
+            if lat.flat_seeds is None:
+                raise ValueError(f"these latents ({lat.source}) kept no per-seed h: compute them with keep_seeds=True")
+            h = _pool(lat.flat_seeds[idx, :, k].astype(np.float32), lat, form)  # (N, S, d)
+        else:
+            h = lat.at_step(step).get(form=form)[idx]  # (N, d)
+        out.append(h.astype(np.float64) @ ax.T.astype(np.float64))
+    return np.stack(out, axis=-2)
+
+
+def combine_steps(projections: np.ndarray) -> np.ndarray:
+    """(..., nouns, steps, attributes) projections -> (..., nouns, attributes) scores: standardised across nouns
+    for each (step, attribute), then averaged over the steps (so each step weighs the same whatever its scale)."""
+    p = np.asarray(projections, dtype=np.float64)
+    sd = p.std(-3, keepdims=True)
+    return ((p - p.mean(-3, keepdims=True)) / np.where(sd > 0, sd, 1.0)).mean(-2)
+
+
+def scores_frame(scores: np.ndarray, nouns: Sequence[str], attributes: Sequence[str]) -> pd.DataFrame:
+    """A (nouns, attributes) score matrix in the layout of :func:`bias_scores` (class, attribute, high, low,
+    score, rank)."""
+    rows = [{"class": n, "attribute": a, "high": ATTRIBUTES[a].high, "low": ATTRIBUTES[a].low,
+             "score": float(scores[i, j])} for j, a in enumerate(attributes) for i, n in enumerate(nouns)]
+    df = pd.DataFrame(rows)
+    df["rank"] = df.groupby("attribute")["score"].rank(ascending=False, method="min").astype(int)
+    return df
+
+
 def caption_axis_bias(lat: PromptLatents, word_maps: dict[int, "WordMap"], nouns: Sequence[str],
                       attributes: Sequence[str] | None = None, form: str = "flat", method: str = "mean_diff",
-                      template: str | None = None) -> pd.DataFrame:
+                      template: str | None = None, seeds: np.ndarray | None = None, mirror: bool = False
+                      ) -> pd.DataFrame:
     """Bias read along the sampling trajectory with axes named by caption words (METHODS.md §2 steps 3-4).
 
     ``word_maps`` maps a capture step of ``lat`` to a :class:`WordMap` fitted on real captioned images noised to
     that step's timestep (:func:`step_index` gives the step of a timestep). At each step the neutral prompts'
-    h is projected on the attribute's word axis (high word - low word, :func:`word_axis`), centred on the mean
-    of ``lat``'s prompts; the scores are standardised across nouns per (step, attribute) and averaged over the
-    steps. Same layout as :func:`bias_scores` (one row per noun and attribute, ``score``, ``rank``).
+    h is projected on the attribute's word axis (high word - low word, :func:`word_axis`); the scores are
+    standardised across nouns per (step, attribute) and averaged over the steps (:func:`combine_steps`). Same
+    layout as :func:`bias_scores` (one row per noun and attribute, ``score``, ``rank``). ``seeds`` (indices
+    into the seeds, needs ``keep_seeds``) reads the score from a subset of the seeds only; ``method`` and
+    ``mirror`` choose the axes (:func:`caption_axis_projections`).
     """
-    if not word_maps:
-        raise ValueError("no word maps given: pass {capture step: WordMap}")
     attributes = list(ATTRIBUTES) if attributes is None else list(attributes)
-    per_step = []
-    for step, wm in word_maps.items():
-        one = lat.at_step(step)
-        axes = {a: word_axis(wm, a, method) for a in attributes}
-        table = score_table(bias_scores(one, nouns, attributes, form=form, axes=axes, template=template))
-        per_step.append((table - table.mean()) / table.std(ddof=0).replace(0, 1))
-    mean = sum(per_step) / len(per_step)
-    df = mean.rename_axis(index="class", columns="attribute").reset_index().melt(
-        id_vars="class", var_name="attribute", value_name="score")
-    df.insert(2, "high", df["attribute"].map(lambda a: ATTRIBUTES[a].high))
-    df.insert(3, "low", df["attribute"].map(lambda a: ATTRIBUTES[a].low))
-    df["rank"] = df.groupby("attribute")["score"].rank(ascending=False, method="min").astype(int)
-    return df
+    if seeds is None:
+        proj = caption_axis_projections(lat, word_maps, nouns, attributes, form, method, template, mirror=mirror)
+    else:
+        proj = caption_axis_projections(lat, word_maps, nouns, attributes, form, method, template, per_seed=True,
+                                        mirror=mirror)[:, np.asarray(seeds)].mean(1)
+    return scores_frame(combine_steps(proj), nouns, attributes)
+
+
+def _rank_corr(scores: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Spearman rho of each row of ``scores`` (..., N) with ``truth`` (N,) (average ranks for ties)."""
+    from scipy.stats import rankdata
+
+    rs = rankdata(scores, axis=-1)
+    rt = rankdata(truth)
+    rs = rs - rs.mean(-1, keepdims=True)
+    rt = rt - rt.mean()
+    den = np.sqrt((rs ** 2).sum(-1) * (rt ** 2).sum())
+    return np.where(den > 0, (rs * rt).sum(-1) / np.where(den > 0, den, 1.0), np.nan)
+
+
+def bootstrap_rho(projections: np.ndarray, truth: np.ndarray, n_boot: int = 1000, ci: float = 0.9,
+                  seed: int = 0) -> dict[str, np.ndarray]:
+    """Spearman rho of the combined score against the truth, with a bootstrap interval over seeds.
+
+    ``projections`` (nouns, seeds, steps, attributes) from :func:`caption_axis_projections` (``per_seed``);
+    ``truth`` (nouns, attributes) (NaN = unknown: that noun is left out of that attribute's rho). The seeds
+    are resampled with replacement ``n_boot`` times, the same seed indices for every noun (the seeds are paired:
+    every prompt starts from the same noises), and the percentile interval of the resampled rho is returned.
+    Returns {"rho", "ci_low", "ci_high", "boot_sd"} as (attributes,) arrays.
+    """
+    proj = np.asarray(projections, dtype=np.float64)
+    truth = np.asarray(truth, dtype=np.float64)
+    if proj.ndim != 4:
+        raise ValueError(f"projections must be (nouns, seeds, steps, attributes), got shape {proj.shape}")
+    n, s, _, a = proj.shape
+    if truth.shape != (n, a):
+        raise ValueError(f"truth must be (nouns, attributes) = {(n, a)}, got {truth.shape}")
+    if not 0 < ci < 1:
+        raise ValueError(f"ci must be in (0, 1), got {ci}")
+    if n_boot <= 0:
+        raise ValueError(f"n_boot must be a positive integer, got {n_boot}")
+    point = combine_steps(proj.mean(1))  # (N, A)
+    rng = np.random.default_rng(seed)
+    boots = []
+    chunk = max(1, 2_000_000 // max(1, n * s * proj.shape[2] * a))
+    for start in range(0, n_boot, chunk):
+        idx = rng.integers(0, s, (min(chunk, n_boot - start), s))
+        boots.append(combine_steps(np.moveaxis(proj[:, idx].mean(2), 0, 1)))  # (b, N, K, A) -> (b, N, A)
+    boot = np.concatenate(boots)
+    out = {k: np.full(a, np.nan) for k in ("rho", "ci_low", "ci_high", "boot_sd")}
+    q = (1 - ci) / 2
+    for j in range(a):
+        ok = np.isfinite(truth[:, j])
+        if ok.sum() < 3 or np.ptp(truth[ok, j]) == 0:
+            continue
+        out["rho"][j] = float(_rank_corr(point[ok, j], truth[ok, j]))
+        r = _rank_corr(boot[:, ok, j], truth[ok, j])
+        r = r[np.isfinite(r)]
+        if len(r):
+            out["ci_low"][j], out["ci_high"][j] = np.quantile(r, [q, 1 - q])
+            out["boot_sd"][j] = r.std(ddof=1) if len(r) > 1 else 0.0
+    return out
+
+
+def truth_matrix(truth: pd.DataFrame, nouns: Sequence[str], attributes: Sequence[str],
+                 truth_column: str = "rate") -> np.ndarray:
+    """Ground truth (class, attribute, ``truth_column`` rows) as a (nouns, attributes) array (NaN where missing)."""
+    t = truth.pivot_table(index="class", columns="attribute", values=truth_column, aggfunc="first")
+    return t.reindex(index=list(nouns), columns=list(attributes)).to_numpy(dtype=np.float64)
+
+
+def rho_by_seed_set(projections: dict[str, np.ndarray], nouns: Sequence[str], truth: pd.DataFrame,
+                    attributes: Sequence[str], truth_column: str = "rate", n_boot: int = 1000, ci: float = 0.9,
+                    seed: int = 0, pooled: str | None = "all seed sets") -> pd.DataFrame:
+    """rho against the truth for each independent seed set, each with its bootstrap interval over seeds.
+
+    ``projections`` maps a seed-set label to its (nouns, seeds, steps, attributes) projections. With ``pooled``
+    (a label) one more row per attribute reads all seed sets at once (their seeds concatenated). One row per
+    (seed_set, attribute): rho, ci_low, ci_high, boot_sd, n_seeds, ci (the level).
+    """
+    if not projections:
+        raise ValueError("no seed sets given")
+    attributes = list(attributes)
+    tm = truth_matrix(truth, nouns, attributes, truth_column)
+    sets = dict(projections)
+    if pooled and len(sets) > 1:
+        sets[pooled] = np.concatenate(list(projections.values()), axis=1)
+    rows = []
+    for label, proj in sets.items():
+        r = bootstrap_rho(proj, tm, n_boot=n_boot, ci=ci, seed=seed)
+        for j, a in enumerate(attributes):
+            rows.append({"seed_set": str(label), "attribute": a, "rho": r["rho"][j], "ci_low": r["ci_low"][j],
+                         "ci_high": r["ci_high"][j], "boot_sd": r["boot_sd"][j], "n_seeds": int(proj.shape[1]),
+                         "ci": ci})
+    return pd.DataFrame(rows)
 
 
 def score_table(scores: pd.DataFrame, column: str = "score") -> pd.DataFrame:
@@ -769,9 +1022,13 @@ def word_matrix(captions: Sequence[str], vocabulary: Sequence[str] | None = None
     return x, vocabulary
 
 
+WORD_METHODS = ("ridge", "mean_diff", "whitened")
+
+
 @dataclass
 class WordMap:
-    """Word directions in h-space: ``mean_diff`` and ``ridge`` are (V, d), rows in ``vocabulary`` order."""
+    """Word directions in h-space: ``mean_diff``, ``ridge`` (and ``whitened`` when fitted with ``shrinkage``) are
+    (V, d), rows in ``vocabulary`` order."""
 
     vocabulary: list[str]
     mean_diff: np.ndarray
@@ -779,10 +1036,16 @@ class WordMap:
     counts: np.ndarray
     mean: np.ndarray  # mean h of the fitted images
     alpha: float = 1.0
+    whitened: np.ndarray | None = None  # (cov + lambda I)^-1 mean_diff rows: discriminative word directions
+    shrinkage: float | None = None  # lambda / (mean variance per dimension of h)
 
     def vectors(self, method: str = "ridge") -> np.ndarray:
-        if method not in ("ridge", "mean_diff"):
-            raise ValueError(f"unknown method {method!r}; valid: 'ridge', 'mean_diff'")
+        if method not in WORD_METHODS:
+            raise ValueError(f"unknown method {method!r}; valid: {list(WORD_METHODS)}")
+        if method == "whitened":
+            if self.whitened is None:
+                raise ValueError("this word map has no whitened vectors: fit it with fit_word_map(..., shrinkage=...)")
+            return self.whitened
         return self.ridge if method == "ridge" else self.mean_diff
 
     def word(self, word: str, method: str = "ridge") -> np.ndarray:
@@ -828,12 +1091,20 @@ class WordMap:
 
 def fit_word_map(h: np.ndarray, captions: Sequence[str] | None = None, *, words: np.ndarray | None = None,
                  vocabulary: Sequence[str] | None = None, alpha: float = 1.0, min_count: int = 5,
-                 stopwords: frozenset[str] = DEFAULT_STOPWORDS) -> WordMap:
+                 stopwords: frozenset[str] = DEFAULT_STOPWORDS, shrinkage: float | None = None) -> WordMap:
     """Associate caption words with h (N, d): difference of means (with vs without the word) and ridge
     regression from word indicators to centred h, ``B = (X^T X + alpha I)^-1 X^T (h - mean)`` (X centred).
 
+    With ``shrinkage`` (> 0) also the *whitened* word directions ``(S + lambda I)^-1 mean_diff`` (S = covariance
+    of h over the images, lambda = ``shrinkage`` x its mean variance per dimension): the shrinkage-LDA direction of
+    each word, which down-weights the directions h varies most along for other reasons (class identity, overall
+    ink), so an attribute axis built from them (:func:`word_axis` with ``method="whitened"``) reads the attribute
+    rather than what merely co-occurs with its words. Large ``shrinkage`` tends to the plain mean difference.
+
     Pass ``captions`` or a ready ``words`` matrix with its ``vocabulary``.
     """
+    if shrinkage is not None and not shrinkage > 0:
+        raise ValueError(f"shrinkage must be > 0 (or None), got {shrinkage!r}")
     h = np.asarray(h, dtype=np.float64)
     if words is None:
         if captions is None:
@@ -858,8 +1129,76 @@ def fit_word_map(h: np.ndarray, captions: Sequence[str] | None = None, *, words:
     hc = h - mean
     gram = xc.T @ xc + alpha * np.eye(x.shape[1])
     ridge = np.linalg.solve(gram, xc.T @ hc)
+    whitened = None
+    if shrinkage is not None:
+        _, sv, vt = np.linalg.svd(hc, full_matrices=False)
+        ev = sv ** 2 / len(hc)  # covariance eigenvalues along the rows of vt
+        lam = float(shrinkage) * max(float(ev.sum()) / h.shape[1], 1e-12)
+        c = md @ vt.T  # (V, rank): coordinates in the span of the data
+        whitened = (c / (ev + lam)) @ vt + (md - c @ vt) / lam
     return WordMap(list(vocabulary), md.astype(np.float32), ridge.astype(np.float32), counts, mean.astype(np.float32),
-                   float(alpha))
+                   float(alpha), None if whitened is None else whitened.astype(np.float32),
+                   None if shrinkage is None else float(shrinkage))
+
+
+def caption_retrieval(lat: PromptLatents, image_h: dict[int, np.ndarray], labels: np.ndarray,
+                      nouns: Sequence[str], steps: dict[int, int], form: str = "flat", k: Sequence[int] = (1, 5),
+                      template: str | None = None) -> pd.DataFrame:
+    """Image-conditioning check of the prompt latents: does h of a real captioned image, noised to t, sit
+    closest to its own class's prompt latent among the other classes'?
+
+    ``image_h`` maps a timestep t to h of real images noised to t ((M, d), same block, pass and ``form`` as
+    ``lat``; e.g. a feature store with neutral conditioning), ``labels`` gives each image's class as an index into
+    ``nouns``, ``steps`` maps t to the capture step of ``lat`` read for it (:func:`step_index`). Both sides are
+    centred on their own mean (images on the images', prompt latents on the classes'), so a constant offset
+    between real and generated h does not decide; similarity = cosine. One row per t: top-k accuracy for each k
+    (share of images whose own class ranks within the k most similar prompt latents) beside chance (k / classes).
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    nouns = list(nouns)
+    if labels.size and (labels.min() < 0 or labels.max() >= len(nouns)):
+        raise ValueError(f"labels must index the {len(nouns)} nouns, got values {labels.min()}..{labels.max()}")
+    missing = [t for t in image_h if t not in steps]
+    if missing:
+        raise ValueError(f"timesteps {missing} have no capture step in steps={steps}")
+    idx = _neutral_indices(lat, nouns, template)
+    rows = []
+    for t, h in image_h.items():
+        h = np.asarray(h, dtype=np.float64).reshape(len(h), -1)
+        if len(h) != len(labels):
+            raise ValueError(f"{len(h)} image rows at t={t} for {len(labels)} labels")
+        protos = lat.at_step(steps[t]).raw(form)[idx].astype(np.float64)
+        if protos.shape[1] != h.shape[1]:
+            raise ValueError(f"image h has {h.shape[1]} dims at t={t}, the prompt latents ({form}) {protos.shape[1]}")
+        sim = _unit(h - h.mean(0)) @ _unit(protos - protos.mean(0)).T  # (M, classes)
+        own = sim[np.arange(len(h)), labels][:, None]
+        above = (sim > own + 1e-12).sum(1)  # classes clearly more similar than the own one
+        tied = (np.abs(sim - own) <= 1e-12).sum(1)  # the own class and any class exactly as similar
+        row = {"t": int(t), "step": int(steps[t]), "n_images": len(h), "n_classes": len(nouns)}
+        for kk in k:  # ties broken at random: the chance that the own class lands within the top k
+            row[f"top{kk}"] = float(np.clip((kk - above) / tied, 0.0, 1.0).mean())
+            row[f"chance_top{kk}"] = min(1.0, kk / len(nouns))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def name_sae_latents(h: np.ndarray, word_map: "WordMap", config: Any, key: str = "", n_latents: int = 8, k: int = 3,
+                     method: str = "ridge") -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Train (or load from the cache) a k-SAE on h (N, d) with ``config`` (:class:`revelio_nb.sae.TrainConfig`)
+    and name its ``n_latents`` most frequent latents' decoder rows with the word map (:meth:`WordMap.name`).
+
+    The SAE is cached by the rows and the config (:func:`revelio_nb.artifacts.array_sae_dir`; ``key`` only labels
+    the folder). Returns (named rows, :func:`revelio_nb.sae.evaluate_sae` metrics).
+    """
+    from . import sae
+
+    folder = artifacts.array_sae_dir(h, config, label=key)
+    ksae = sae.train_sae(np.asarray(h, np.float32), config, folder)
+    ev = sae.evaluate_sae(ksae, np.asarray(h, np.float32))
+    top = np.argsort(-ev["firing_frequency"])[:n_latents]
+    named = word_map.name(ksae.W_dec.detach().cpu().numpy()[top], k=k, method=method,
+                          names=[f"latent {i} ({ev['firing_frequency'][i]:.0%})" for i in top])
+    return named, ev
 
 
 def pca_directions(h: np.ndarray, n: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -890,11 +1229,46 @@ def steer(model: DiffusionModel, prompts: str | Sequence[str], direction: Any, s
     return out
 
 
+STEER_AXES = ("per-step", "mean")
+
+
+def steer_attributes(model: DiffusionModel, lat: PromptLatents, nouns: Sequence[str], attributes: Sequence[str],
+                     strengths: Sequence[float], config: SampleConfig | None = None, axes: str = "per-step",
+                     template: str | None = None, progress: bool = True
+                     ) -> tuple[dict[str, dict[float, torch.Tensor]], pd.DataFrame]:
+    """The causal check for several attributes: every noun's neutral prompt sampled (``config``, paired seeds) with
+    ``strength *`` the attribute's prompt-pair axis added to h, and the attribute measured on the images.
+
+    The axis is the flattened, unnormalised mean difference of h between the high- and low-word prompts of
+    ``lat`` (:func:`attribute_axis`): with ``axes="per-step"`` one per sampling step of ``lat``'s run, added at
+    the matching timestep (:func:`attribute_axes_by_step`; strength 1 adds what the words do to h at each step);
+    with ``axes="mean"`` one axis averaged over the steps, added at every step. Returns ({attribute: {strength:
+    images}}, :func:`steering_effect` rows of every attribute).
+    """
+    if axes not in STEER_AXES:
+        raise ValueError(f"axes {axes!r} is not one of {list(STEER_AXES)}")
+    cfg = (config or SampleConfig()).validate()
+    kw = {} if template is None else {"template": template}
+    prompts = [neutral_prompt(n, **kw) for n in nouns]
+    strips, effects = {}, []
+    for a in attributes:
+        if axes == "per-step":
+            steps = int((lat.config or {}).get("steps") or len(lat.capture_steps or []))
+            direction = attribute_axes_by_step(lat, nouns, a, step_timesteps(model, steps), template=template)
+        else:
+            direction = attribute_axis(lat, nouns, a, form="flat", normalise=False, template=template)
+        strips[a] = steer(model, prompts, direction, strengths, cfg, progress=progress)
+        effects.append(steering_effect(strips[a], a))
+    return strips, pd.concat(effects, ignore_index=True)
+
+
 def steering_effect(images: dict[float, Any], attribute: str, prompts: Sequence[str] | None = None,
                     n_seeds: int | None = None) -> pd.DataFrame:
     """Measure ``attribute`` on steered images: mean, sem and the share of images whose value went up versus
     the same seed at strength 0 (paired). One row per strength, plus the monotonicity of the means
-    (``monotonic``: +1 increasing, -1 decreasing, 0 neither) and Spearman rho of value vs strength."""
+    (``monotonic``: +1 increasing, -1 decreasing, 0 neither), Spearman rho of value vs strength over all images
+    (``rho_value_strength``: class and seed differences count as noise) and, when strength 0 is among them, rho
+    of each image's change from its unsteered twin (same prompt and seed) vs strength (``rho_paired``)."""
     from scipy.stats import spearmanr
 
     if attribute not in ATTRIBUTES:
@@ -915,10 +1289,45 @@ def steering_effect(images: dict[float, Any], attribute: str, prompts: Sequence[
     alls = np.concatenate([[s] * len(vals[s]) for s in strengths])
     varied = len(strengths) > 1 and np.ptp(allv) > 0
     df["rho_value_strength"] = float(spearmanr(alls, allv)[0]) if varied else np.nan
+    if base is not None and len(strengths) > 1 and all(len(vals[s]) == len(base) for s in strengths):
+        change = np.concatenate([vals[s] - base for s in strengths])  # each image against its own unsteered twin
+        df["rho_paired"] = float(spearmanr(alls, change)[0]) if np.ptp(change) > 0 else np.nan
     return df
 
 
 # ============================================================================ figures
+
+
+def plot_prompt_samples(model: DiffusionModel, nouns: Sequence[str], guidance_scales: Sequence[float] = (1.0, 3.0),
+                        steps: int = 10, seed: int = 0, n_seeds: int = 4, template: str | None = None):
+    """Each noun's neutral prompt drawn ``n_seeds`` times (paired seeds) at each guidance scale: one row per
+    noun, one block of columns per scale."""
+    import matplotlib.pyplot as plt
+
+    from .sampling import to_uint8
+
+    kw = {} if template is None else {"template": template}
+    prompts = [neutral_prompt(n, **kw) for n in nouns]
+    rows = {g: to_uint8(generate(model, prompts, SampleConfig(n_seeds=n_seeds, steps=steps, seed=seed,
+                                                             guidance_scale=g), progress=False))
+            for g in guidance_scales}
+    ncol = len(rows) * n_seeds
+    fig, axes = plt.subplots(len(prompts), ncol, figsize=(0.6 * ncol + 0.8, 0.6 * len(prompts) + 0.4), squeeze=False)
+    for b, (g, imgs) in enumerate(rows.items()):
+        for p in range(len(prompts)):
+            for j in range(n_seeds):
+                ax = axes[p, b * n_seeds + j]
+                im = imgs[p * n_seeds + j]
+                ax.imshow(im[..., 0] if im.shape[-1] == 1 else im, cmap="gray", vmin=0, vmax=255)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if p == 0 and j == 0:
+                    ax.set_title(f"CFG {g:g}", fontsize=7, loc="left")
+        for p, noun in enumerate(nouns):
+            axes[p, 0].set_ylabel(noun, fontsize=7, rotation=0, ha="right", va="center")
+    fig.suptitle(f"'{neutral_prompt('<class>', **kw)}', {n_seeds} paired seeds, DDIM {steps} steps", fontsize=8)
+    fig.tight_layout(pad=0.2)
+    return fig
 
 
 def plot_bias_heatmaps(panels: dict[str, pd.DataFrame], center: dict[str, float] | None = None, cmap: str = "vlag",

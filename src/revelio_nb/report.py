@@ -4,7 +4,7 @@
     python -m revelio_nb.report --run default --readme README.md   # replace the README's results section
 
 Sources: ``tables/probe_summary.csv`` and ``comparison_summary.csv`` (notebooks 04 / 05, via
-:func:`revelio_nb.probes.results_markdown`), ``06_summary.csv`` (notebook 06), ``07_taxonomy_*.csv`` (notebook
+:func:`revelio_nb.probes.results_markdown`), ``06_summary.csv`` and ``06_retrieval.csv`` (notebook 06), ``07_taxonomy_*.csv`` (notebook
 07, via :func:`revelio_nb.taxonomy.finding_paragraph`) and ``timings.csv`` (runner).
 The README section sits between ``<!-- results:start -->`` and ``<!-- results:end -->``.
 """
@@ -21,42 +21,68 @@ from .paths import atomic_write_text, results_dir
 from .probes import results_markdown
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-# notebook 06 columns shown in the README, in this order (the primary score first)
-DIRECTION_COLUMNS = {
-    "h neutral prompts, flat, caption-map axes": "rho: h (primary)",
-    "primary, min over seed sets": "rho: primary, worst seed set",
-    "primary, all seed sets": "rho: primary, all seed sets",
-    "h prompt pass, flat": "rho: h, prompt-pair axes",
-    "text encoder": "rho: text encoder",
-    "generated images (measured)": "rho: generated images",
-    "steer_monotonic": "steering monotonic",
-    "steer_rho": "steering rho(strength)",
-}
 
 
-def _fmt(column: str, v) -> str:
-    if pd.isna(v):
+def _fmt(v, digits: int = 2) -> str:
+    if v is None or pd.isna(v):
         return "n/a"
-    if column == "steer_monotonic":  # stored as bool or 0/1
-        return "yes" if str(v) in ("True", "1", "1.0") else "no"
     try:
-        return f"{float(v):.2f}"
+        return f"{float(v):.{digits}f}"
     except (TypeError, ValueError):
         return str(v)
 
 
+def _yes_no(v) -> str:
+    """Steering monotonicity (+1 increasing with strength, -1 decreasing, 0 neither; or a bool): "yes" only when
+    the attribute grows towards its high word with the strength."""
+    if v is None or pd.isna(v):
+        return "n/a"
+    return "yes" if str(v) in ("True", "1", "1.0") else "no"
+
+
+def _with_ci(r: pd.Series, rho: str, low: str, high: str) -> str:
+    if rho not in r or pd.isna(r[rho]):
+        return "n/a"
+    if low in r and high in r and not (pd.isna(r[low]) or pd.isna(r[high])):
+        return f"{_fmt(r[rho])} [{_fmt(r[low])}, {_fmt(r[high])}]"
+    return _fmt(r[rho])
+
+
 def directions_markdown(run_dir: str | Path) -> str | None:
-    """Notebook 06's Spearman rho per attribute (bias score vs ground-truth rate) and steering, as markdown."""
+    """Notebook 06's summary (``tables/06_summary.csv``, :func:`revelio_nb.bias_study.summary_table`) as markdown:
+    per model, sampler and attribute, rho of the bias score against the truth on each seed set with its
+    bootstrap interval, the worst set, all sets at once, the text-encoder baseline and steering."""
     path = Path(run_dir) / "tables" / "06_summary.csv"
     if not path.is_file():
         return None
     df = pd.read_csv(path)
-    cols = [c for c in DIRECTION_COLUMNS if c in df.columns]
-    lines = ["| attribute | " + " | ".join(DIRECTION_COLUMNS[c] for c in cols) + " |",
-             "|---|" + "---|" * len(cols)]
+    sets = sorted({int(c.split()[-1]) for c in df.columns if c.startswith("rho set ")})
+    ci = "90 % CI"
+    head = (["model", "sampler", "attribute"] + [f"rho set {k} [{ci}]" for k in sets]
+            + ["worst set", f"all sets [{ci}]", "text encoder", "steering monotonic", "steering rho",
+               "steering rho (paired)"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in df.iterrows():
-        lines.append(f"| {r['attribute']} | " + " | ".join(_fmt(c, r[c]) for c in cols) + " |")
-    return "\n".join(lines)
+        cells = [str(r.get("model", "")), str(r.get("sampler", "")), str(r["attribute"])]
+        cells += [_with_ci(r, f"rho set {k}", f"ci_low set {k}", f"ci_high set {k}") for k in sets]
+        cells += [_fmt(r.get("rho worst seed set")),
+                  _with_ci(r, "rho all seed sets", "ci_low all seed sets", "ci_high all seed sets"),
+                  _fmt(r.get("rho text encoder")), _yes_no(r.get("steer_monotonic")), _fmt(r.get("steer_rho")),
+                  _fmt(r.get("steer_rho_paired"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    out = "\n".join(lines)
+    retrieval = Path(run_dir) / "tables" / "06_retrieval.csv"
+    if retrieval.is_file():
+        rt = pd.read_csv(retrieval)
+        first = rt[rt["model"] == rt["model"].iloc[0]] if "model" in rt else rt
+        n_sets = first["seed_set"].nunique() if "seed_set" in first else 1
+        per_t = first.groupby("t", sort=True)[["top1", "top5"]].mean()
+        cells = ", ".join(f"t={int(t)}: {100 * x.top1:.0f} % / {100 * x.top5:.0f} %" for t, x in per_t.iterrows())
+        out += ("\n\nImage-conditioning check (real test images noised to t retrieve their class's prompt latent "
+                f"among {int(first.n_classes.iloc[0])} classes; top-1 / top-5, chance "
+                f"{100 * first.chance_top1.iloc[0]:.0f} % / {100 * first.chance_top5.iloc[0]:.0f} %"
+                f"{f', mean of {n_sets} seed sets' if n_sets > 1 else ''}): {cells}.")
+    return out
 
 
 def taxonomy_markdown(run_dir: str | Path) -> str | None:
@@ -102,12 +128,14 @@ def run_markdown(run_dir: str | Path) -> str:
     d = directions_markdown(run_dir)
     if d:
         parts.append("Decoding Diffusion (notebook 06): Spearman rho across the 10 classes between each attribute's "
-                     "bias score and its rate in the training captions. Primary = neutral-prompt h (neutral pass, "
-                     "flattened, at the caption maps' timesteps) projected on caption-map word axes, first seed set; "
-                     "worst seed set / all seed sets = the same over the independent seed sets; prompt-pair axes = "
-                     "the paper's axes on the prompt pass; generated images = the attribute measured on what the "
-                     "neutral prompts draw; steering = the attribute measured on images generated with the "
-                     "prompt-pair axis added to h.\n\n" + d)
+                     "bias score and its rate in the training captions. Score = neutral-prompt h (neutral pass, "
+                     "flattened, at the caption maps' timesteps) projected on caption-map word axes; each seed set "
+                     "is an independent set of paired seeds, with a bootstrap 90 % interval over its seeds; worst "
+                     "set = the lowest of them; all sets = every seed at once; text encoder = the paper's prompt-pair "
+                     "axes on the frozen text encoder's embeddings; steering = the attribute measured on images "
+                     "generated with the attribute axis added to h (rho over all images, and paired: each image "
+                     "against its unsteered twin). One row per model (training seed) and sampler (DDIM today; the "
+                     "latent-consistency sampler adds its own rows).\n\n" + d)
     tx = taxonomy_markdown(run_dir)
     if tx:
         parts.append(tx)

@@ -859,7 +859,7 @@ class SaeTrainStep:
         xc, e, resid, aux_scale, total_var, top_acts, top_idx, aux_acts, aux_idx = self._saved
         self._saved = None
         model = self.model
-        b, d, m, k = xc.shape[0], model.d_in, model.num_latents, top_idx.shape[1]
+        b, m, k = xc.shape[0], model.num_latents, top_idx.shape[1]
         params = [p.detach() for p in (model.encoder.weight, model.encoder.bias, model.W_dec, model.b_dec)]
         w_enc, _, w_dec, _ = params
         grads = self._grads()

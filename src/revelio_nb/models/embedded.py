@@ -142,6 +142,10 @@ EMBEDDED_MODELS["animals-unet-text-ref"] = replace(
     description="the text-conditioned UNet on plain Animal-MNIST at the comparison budget (250 steps): the "
     "language-conditioning entry of the comparisons",
     train=TrainConfig(steps=250, batch_size=64, warmup_steps=25))
+# notebook 06's retrained text model: the same recipe from another training seed (initial weights, batches, noise)
+EMBEDDED_MODELS["animals-unet-text-seed1"] = replace(
+    EMBEDDED_MODELS["animals-unet-text"], train=replace(EMBEDDED_MODELS["animals-unet-text"].train, seed=1),
+    description="animals-unet-text retrained from training seed 1: does a bias finding survive retraining?")
 
 
 def embedded_names() -> list[str]:
