@@ -35,7 +35,7 @@ import copy, os, signal, sys, time
 from pathlib import Path
 import torch
 import torch.nn as nn
-from revelio_nb.training import TrainConfig, train_denoiser
+from revelio_nb.training import DenoiserTrainConfig, train_denoiser
 
 
 def build():
@@ -43,7 +43,7 @@ def build():
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 1, 3, padding=1))
     images = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
     alphas = torch.cumprod(1 - torch.linspace(1e-4, 0.05, 100), 0)
-    cfg = TrainConfig(steps=60, batch_size=16, lr=1e-2, warmup_steps=5, checkpoint_every=5, seed=3)
+    cfg = DenoiserTrainConfig(steps=60, batch_size=16, lr=1e-2, warmup_steps=5, checkpoint_every=5, seed=3)
     return model, copy.deepcopy(model), images, alphas, cfg
 
 

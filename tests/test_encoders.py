@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from revelio_nb import artifacts
 from revelio_nb import encoders as E
 from revelio_nb.features import FeatureStore, StoreMismatchError, stratified_subset
 from revelio_nb.probes import DiffCConfig, probe_data
@@ -233,7 +234,7 @@ def test_cache_key_and_resume(tiny, digits, tmp_path):
     np.testing.assert_array_equal(again.array("patch", -1), ref)
     # the key: the encoder's weights, its preprocessing and the dataset rows change it
     idx = store.indices
-    key = E.encoder_store_dir(cfg, enc, digits, idx)
+    key = artifacts.encoder_store_dir(cfg, enc, digits, idx)
     assert key == store.path
     other_w = E.load_encoder(E.save_tiny_random(tmp_path / "clip-seed1", "clip", seed=1))
     pp_dir = shutil.copytree(tiny["clip"], tmp_path / "clip-pp")
@@ -241,15 +242,15 @@ def test_cache_key_and_resume(tiny, digits, tmp_path):
     (pp_dir / "preprocessor_config.json").write_text(json.dumps({**pp, "image_mean": [0.5, 0.5, 0.5]}))
     other_pp = E.load_encoder(pp_dir)
     assert other_pp.weights_hash == enc.weights_hash
-    keys = {E.encoder_store_dir(_cfg(e.encoder_id, split="train", max_images=40, batch_size=16), e, digits, idx).name
+    keys = {artifacts.encoder_store_dir(_cfg(e.encoder_id, split="train", max_images=40, batch_size=16), e, digits, idx).name
             for e in (other_w, other_pp)}
     assert len(keys | {key.name}) == 3
-    assert E.encoder_store_dir(cfg, enc, digits, idx[:-1]) != key
+    assert artifacts.encoder_store_dir(cfg, enc, digits, idx[:-1]) != key
     from revelio_nb.data import ImageDataset
 
     flipped = ImageDataset(digits.name, digits.images[:, :, ::-1].copy(), digits.labels, digits.class_names,
                            digits.splits, digits.split_seed)
-    assert E.encoder_store_dir(cfg, enc, flipped, idx) != key  # same name, other pixels
+    assert artifacts.encoder_store_dir(cfg, enc, flipped, idx) != key  # same name, other pixels
     assert store.manifest["key"] == key.name.rsplit("-", 1)[1]
     with pytest.raises(StoreMismatchError, match="another encoder, preprocessing or dataset rows"):
         E.extract_encoder_features(cfg, enc, flipped, out_dir=store.path, progress=False)  # same config, other rows

@@ -82,3 +82,29 @@ def test_readme_examples_run_on_an_empty_cache(small_embedded, tiny_unet_path, t
     store = next(ns["store"] for ns in spaces if "store" in ns)
     assert store.array("mid_block", 25).shape[0] == len(store.indices) == 10 * round(0.7 * 12)  # 70 % of 12 per class
     assert np.isfinite(np.asarray(store.array("up_blocks.0", 100))).all()
+
+
+def test_readme_package_layout_is_the_generated_one():
+    """The README's package layout is regenerated from the tree (``python -m revelio_nb.report --layout``): a module
+    added, removed or re-documented without regenerating it fails here."""
+    from revelio_nb.report import LAYOUT_MARKERS, package_layout_markdown
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    start, end = LAYOUT_MARKERS
+    section = text.split(start, 1)[1].split(end, 1)[0].strip()
+    assert section == package_layout_markdown(REPO / "src" / "revelio_nb").strip(), (
+        "README.md's package layout is stale: run `python -m revelio_nb.report --layout README.md`")
+
+
+def test_package_layout_lists_every_module_with_its_purpose(tmp_path):
+    from revelio_nb.report import package_layout_markdown
+
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text('"""Top."""\n')
+    (pkg / "alpha.py").write_text('"""Does alpha things. More detail here."""\nx = 1\n')
+    (pkg / "sub" / "__init__.py").write_text('"""A sub-package | with a pipe."""\n')
+    (pkg / "sub" / "beta.py").write_text("y = 2\n")
+    rows = package_layout_markdown(pkg).splitlines()[2:]
+    assert rows == ["| `alpha` | 2 | Does alpha things. |", "| `sub/` | 1 | A sub-package \\| with a pipe. |",
+                    "| `sub.beta` | 1 |  |"]

@@ -35,6 +35,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -80,10 +81,35 @@ def key_of(identity: Any, length: int = KEY_LENGTH) -> str:
 
 
 def _slug(text: str, n: int) -> str:
-    return str(text).replace("embedded:", "").replace("/", "_").replace(":", "_").replace(os.sep, "_")[-n:]
+    """A readable, file-name-safe tail of ``text`` for folder names (the key, not the slug, identifies)."""
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", str(text).replace("embedded:", ""))[-n:]
+
+
+def digest(array: Any) -> str:
+    """Short sha256 of an array's bytes (C order): the content part of keys over in-memory data."""
+    return hashlib.sha256(np.ascontiguousarray(np.asarray(array)).tobytes()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------------ models and data
+
+
+def embedded_model_dir(name: str, spec: Any) -> Path:
+    """``<cache>/models/<name>-<key>`` of an embedded model trained with ``spec``
+    (:class:`revelio_nb.models.embedded.EmbeddedSpec`; its ``identity()`` is everything that changes the weights)."""
+    return cache_dir("models") / f"{name}-{key_of(spec.identity())}"
+
+
+def attribute_table_dir(dataset_name: str, names: Sequence[str], images: np.ndarray) -> Path:
+    """``<cache>/attributes/<dataset>-<key>`` of the image attributes ``names`` measured on ``images``."""
+    key = key_of({"v": 1, "dataset": dataset_name, "names": list(names), "images": digest(images),
+                  "n": len(images)})
+    return cache_dir("attributes") / f"{_slug(dataset_name, 40)}-{key}"
+
+
+def taxonomy_dir(latents_folder: str | os.PathLike, cfg: Any) -> Path:
+    """The latent taxonomy of a hookpoint's SAE, cached beside its latent statistics (``cfg``: a
+    :class:`revelio_nb.taxonomy.TaxonomyConfig`)."""
+    return Path(latents_folder) / f"taxonomy-{key_of(cfg)}"
 
 
 def scheduler_identity(scheduler: Any) -> dict[str, Any]:
@@ -196,9 +222,32 @@ def array_sae_dir(x: np.ndarray, cfg: Any, label: str = "") -> Path:
     """``<cache>/sae/<label>-<key>`` of a k-SAE trained with ``cfg`` on the in-memory rows ``x`` (e.g. prompt h in
     notebook 06), keyed by the rows' bytes and the training config."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    data = hashlib.sha256(x.tobytes()).hexdigest()
-    key = key_of({"v": FORMATS["sae"], "rows": data, "shape": list(x.shape), "train": sae_train_identity(cfg)})
+    key = key_of({"v": FORMATS["sae"], "rows": digest(x), "shape": list(x.shape), "train": sae_train_identity(cfg)})
     return cache_dir("sae") / f"{_slug(label, 32) + '-' if label else ''}{key}"
+
+
+def dataset_rows_hash(ds: "ImageDataset", indices: np.ndarray) -> str:
+    """Content hash of the rows a store holds: their images, labels and the class names."""
+    h = hashlib.sha256()
+    idx = np.asarray(indices, dtype=np.int64)
+    h.update(idx.tobytes())
+    h.update(np.ascontiguousarray(ds.images[idx]).tobytes())
+    h.update(np.ascontiguousarray(ds.labels[idx]).tobytes())
+    h.update(json.dumps(list(ds.class_names)).encode())
+    return h.hexdigest()[:16]
+
+
+def encoder_store_key(cfg: Any, encoder: Any, ds: "ImageDataset", indices: np.ndarray) -> str:
+    """The key of a vision-encoder feature store (:mod:`revelio_nb.encoders`): everything that changes the stored
+    numbers (the extraction config, the encoder's weights, its preprocessing, the content of the dataset rows)."""
+    return key_of({"cfg": cfg.identity(), "weights": encoder.weights_hash,
+                   "preprocess": encoder.preprocess.identity(), "rows": dataset_rows_hash(ds, indices)})
+
+
+def encoder_store_dir(cfg: Any, encoder: Any, ds: "ImageDataset", indices: np.ndarray) -> Path:
+    """``<cache>/features/enc-<encoder>-<dataset>-<split>-<key>`` (:func:`encoder_store_key`)."""
+    return cache_dir("features") / (f"enc-{_slug(encoder.name, 40)}-{_slug(ds.name, 24)}-{cfg.split}-"
+                                    f"{encoder_store_key(cfg, encoder, ds, indices)}")
 
 
 # ------------------------------------------------------------------------------------------ latent browser

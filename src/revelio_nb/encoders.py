@@ -47,7 +47,7 @@ from .data import ImageDataset, load_dataset
 from .features import (PRECISIONS, STORE_DTYPES, FeatureStore, StoreMismatchError, _MicroBatch, _sha,
                        _write_manifest, _writing, allocate_store, array_key, open_for_writing, resolve_device,
                        stratified_subset)
-from .paths import cache_dir, config_hash
+from . import artifacts
 
 NO_TIMESTEP = -1  # the pseudo-timestep of encoder arrays (an encoder sees clean images once)
 SPLITS = ("train", "val", "test")
@@ -532,34 +532,6 @@ class EncoderExtractionConfig:
         return d
 
 
-def dataset_rows_hash(ds: ImageDataset, indices: np.ndarray) -> str:
-    """Content hash of the rows a store holds: their images, labels and the class names."""
-    h = hashlib.sha256()
-    idx = np.asarray(indices, dtype=np.int64)
-    h.update(idx.tobytes())
-    h.update(np.ascontiguousarray(ds.images[idx]).tobytes())
-    h.update(np.ascontiguousarray(ds.labels[idx]).tobytes())
-    h.update(json.dumps(list(ds.class_names)).encode())
-    return h.hexdigest()[:16]
-
-
-def encoder_store_key(cfg: EncoderExtractionConfig, encoder: VisionEncoder, ds: ImageDataset,
-                      indices: np.ndarray) -> str:
-    """The key of an encoder store: everything that changes the stored numbers (the config, the encoder's weights,
-    its preprocessing, the content of the dataset rows). The one place encoder keys are built (recorded in the
-    manifest as ``key``, like diffusion stores)."""
-    return config_hash({"cfg": cfg.identity(), "weights": encoder.weights_hash,
-                        "preprocess": encoder.preprocess.identity(), "rows": dataset_rows_hash(ds, indices)})
-
-
-def encoder_store_dir(cfg: EncoderExtractionConfig, encoder: VisionEncoder, ds: ImageDataset,
-                      indices: np.ndarray) -> Path:
-    """``<cache>/features/enc-<encoder>-<dataset>-<split>-<key>`` (:func:`encoder_store_key`)."""
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", encoder.name)[-40:]
-    ds_slug = re.sub(r"[^A-Za-z0-9._-]+", "_", ds.name)[-24:]
-    return cache_dir("features") / f"enc-{slug}-{ds_slug}-{cfg.split}-{encoder_store_key(cfg, encoder, ds, indices)}"
-
-
 def _create_encoder_store(path: Path, cfg: EncoderExtractionConfig, encoder: VisionEncoder, ds: ImageDataset,
                           indices: np.ndarray) -> FeatureStore:
     hw = tuple(ds.images.shape[1:3])
@@ -577,10 +549,10 @@ def _create_encoder_store(path: Path, cfg: EncoderExtractionConfig, encoder: Vis
         "model_id": encoder.encoder_id,
         "model_kind": f"encoder:{encoder.arch}",
         "weights_hash": encoder.weights_hash,
-        "key": encoder_store_key(cfg, encoder, ds, indices),
+        "key": artifacts.encoder_store_key(cfg, encoder, ds, indices),
         "preprocess": encoder.preprocess.identity(),
         "dataset": ds.name,
-        "dataset_fingerprint": dataset_rows_hash(ds, indices),
+        "dataset_fingerprint": artifacts.dataset_rows_hash(ds, indices),
         "class_names": ds.class_names,
         "split": cfg.split,
         "image_size": list(encoder.input_size(*hw)),
@@ -612,8 +584,8 @@ def extract_encoder_features(cfg: EncoderExtractionConfig, encoder: VisionEncode
     split_idx = ds.split(cfg.split)
     indices = split_idx if cfg.max_images is None else stratified_subset(
         split_idx, ds.labels[split_idx], cfg.max_images, cfg.seed)
-    path = Path(out_dir) if out_dir is not None else encoder_store_dir(cfg, encoder, ds, indices)
-    key = encoder_store_key(cfg, encoder, ds, indices)
+    path = Path(out_dir) if out_dir is not None else artifacts.encoder_store_dir(cfg, encoder, ds, indices)
+    key = artifacts.encoder_store_key(cfg, encoder, ds, indices)
 
     def same_key(st: FeatureStore) -> None:  # e.g. an out_dir store made from other images or preprocessing
         if st.manifest.get("key") != key:

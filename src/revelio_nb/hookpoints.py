@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -25,6 +26,9 @@ from . import artifacts, features, latents, sae
 from .data import ImageDataset, load_dataset
 from .models import DiffusionModel, load_model
 from .paths import atomic_path, file_lock, results_dir
+
+if TYPE_CHECKING:  # pragma: no cover - types only
+    from .taxonomy import TaxonomyConfig
 
 INDEX_COLUMNS = ["hookpoint", "model", "block", "t", "pooling", "sae_dir", "latents_dir", "store_dir",
                  "embedding_store_dir", "dataset", "split"]
@@ -113,12 +117,7 @@ def _taxonomy_config():
 
 def taxonomy_dir(run: HookpointRun, lat_dir):
     """Where the taxonomy of a hookpoint's SAE is cached: beside its latent statistics, keyed by the config."""
-    from dataclasses import asdict
-    from pathlib import Path
-
-    from .paths import config_hash
-
-    return Path(lat_dir) / f"taxonomy-{config_hash(asdict(run.taxonomy.validate()))}"
+    return artifacts.taxonomy_dir(lat_dir, run.taxonomy.validate())
 
 
 def hookpoint_taxonomy(run: HookpointRun, model_sae, eval_store, eval_features, dataset, lat_dir,

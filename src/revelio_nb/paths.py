@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import hashlib
 import json
 import os
 import secrets
@@ -49,12 +48,6 @@ def results_dir(run: str | os.PathLike, root: str | os.PathLike | None = None) -
     for sub in ("figures", "tables"):
         (run_path / sub).mkdir(parents=True, exist_ok=True)
     return run_path
-
-
-def config_hash(config: Any, length: int = 12) -> str:
-    """Stable short hash of a JSON-able config (dataclasses should pass ``dataclasses.asdict``)."""
-    blob = json.dumps(config, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:length]
 
 
 _TMP_MARK = ".tmp-"

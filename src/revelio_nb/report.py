@@ -147,20 +147,70 @@ def run_markdown(run_dir: str | Path) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def replace_section(text: str, section: str) -> str:
-    """``text`` with the part between the results markers replaced by ``section`` (markers kept)."""
-    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
-        raise ValueError(f"the README needs exactly one {START} ... {END} pair, in that order")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{section.strip()}\n{END}{tail}"
+def replace_section(text: str, section: str, markers: tuple[str, str] = (START, END)) -> str:
+    """``text`` with the part between the markers (default: the results section's) replaced by ``section``
+    (markers kept)."""
+    start, end = markers
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise ValueError(f"the README needs exactly one {start} ... {end} pair, in that order")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{section.strip()}\n{end}{tail}"
+
+
+LAYOUT_MARKERS = ("<!-- layout:start -->", "<!-- layout:end -->")
+
+
+def _purpose(path: Path) -> str:
+    """The first sentence of a module's (or package's ``__init__``) docstring, on one line."""
+    import ast
+    import re
+
+    doc = (ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or "").strip()
+    para = " ".join(doc.split("\n\n", 1)[0].split())
+    first = re.split(r"(?<!e\.g\.)(?<!i\.e\.)(?<=[.!?])\s", para, maxsplit=1)[0]
+    if len(first) > 120 and ": " in first:  # a long sentence: its head (what comes before the details)
+        first = first.split(": ", 1)[0]
+    if len(first) > 140:
+        first = first[:140].rsplit(" ", 1)[0] + " ..."
+    first = re.sub(r":\w+:`~?(?:revelio_nb\.)?([^`]+)`", r"`\1`", first).replace("``", "`")
+    return first.replace("|", "\\|")
+
+
+def package_layout_markdown(package_dir: str | Path | None = None) -> str:
+    """The README's "Package layout" table, generated from the source tree: one row per module (sub-packages first
+    by their ``__init__``, then their modules), with its line count and the first line of its docstring."""
+    root = Path(package_dir) if package_dir is not None else Path(__file__).resolve().parent
+    rows = ["| module | lines | what it does |", "|---|---:|---|"]
+
+    def walk(folder: Path, prefix: str) -> None:
+        for f in sorted(folder.glob("*.py")):
+            if f.name == "__init__.py" and not prefix:
+                continue
+            name = prefix + ("" if f.name == "__init__.py" else f.stem)
+            label = f"`{name.rstrip('.')}/`" if f.name == "__init__.py" else f"`{name}`"
+            lines = len(f.read_text(encoding="utf-8").splitlines())
+            rows.append(f"| {label} | {lines} | {_purpose(f)} |")
+        for sub_dir in sorted(p for p in folder.iterdir() if (p / "__init__.py").is_file()):
+            walk(sub_dir, f"{prefix}{sub_dir.name}.")
+
+    walk(root, "")
+    return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default="default", help="results/<run>/ folder name (or an absolute path)")
     p.add_argument("--readme", default=None, help="a README.md whose results section is replaced")
+    p.add_argument("--layout", default=None, metavar="README",
+                   help="regenerate the package-layout section of this README from the source tree, and exit")
     a = p.parse_args(argv)
+    if a.layout:
+        readme = Path(a.layout)
+        atomic_write_text(readme, replace_section(readme.read_text(encoding="utf-8"), package_layout_markdown(),
+                                                  LAYOUT_MARKERS))
+        print(f"updated the package layout of {readme}")
+        return 0
     try:
         section = run_markdown(results_dir(a.run))
         if a.readme:

@@ -52,7 +52,8 @@ from typing import Callable, TextIO
 import pandas as pd
 import yaml
 
-from .paths import atomic_write_json, atomic_write_text, config_hash, project_root, results_dir
+from .artifacts import key_of
+from .paths import atomic_write_json, atomic_write_text, project_root, results_dir
 
 NOTEBOOK_PATTERN = re.compile(r"^(\d\d)_[\w-]+\.ipynb$")
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # cursor moves of nested tqdm bars, colours
@@ -318,8 +319,8 @@ def notebook_keys(notebooks: list[Path], plan: dict[str, dict], package: str) ->
     """Completion key of each notebook: its parameters, its source, the package, and the keys before it."""
     keys, upstream = {}, []
     for nb in notebooks:
-        key = config_hash({"notebook": hashlib.sha256(nb.read_bytes()).hexdigest(), "parameters": plan[nb.name],
-                           "package": package, "upstream": upstream}, length=20)
+        key = key_of({"notebook": hashlib.sha256(nb.read_bytes()).hexdigest(), "parameters": plan[nb.name],
+                      "package": package, "upstream": upstream}, length=20)
         keys[nb.name] = key
         upstream = upstream + [key]
     return keys

@@ -49,9 +49,10 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from . import artifacts
 from . import attributes as attrs_mod
 from .latents import ImageScores, _segment_positions, auroc_from_entries
-from .paths import atomic_write_json, atomic_write_text, cache_dir, config_hash
+from .paths import atomic_write_json, atomic_write_text
 
 KINDS = ("class", "mixed", "attribute", "unexplained", "dead")
 KIND_COLORS = {"class": "#4c72b0", "mixed": "#8172b3", "attribute": "#dd8452", "unexplained": "#c8c8c8",
@@ -379,14 +380,9 @@ def attribute_table(dataset, indices: np.ndarray, names: Sequence[str] | None = 
                     cache: bool = True) -> pd.DataFrame:
     """:func:`revelio_nb.attributes.measure_dataset` of ``dataset.images[indices]``, cached (keyed by the dataset
     name, the names and a hash of the selected images) in ``<cache>/attributes/``."""
-    import hashlib
-
     idx = np.asarray(indices, dtype=np.int64)
     names = attrs_mod.check_names(names)
-    digest = hashlib.sha256(np.ascontiguousarray(dataset.images[idx]).tobytes()).hexdigest()[:16]
-    key = config_hash({"dataset": dataset.name, "names": names, "images": digest, "n": len(idx), "v": 1})
-    slug = re.sub(r"[^A-Za-z0-9_.+-]", "_", str(dataset.name))[-40:]
-    folder = cache_dir("attributes") / f"{slug}-{key}"
+    folder = artifacts.attribute_table_dir(str(dataset.name), names, dataset.images[idx])
     if cache and (folder / "meta.json").is_file():
         df = pd.read_csv(folder / "attributes.csv")
         df.attrs["undefined"] = json.loads((folder / "meta.json").read_text())["undefined"]

@@ -32,7 +32,7 @@ from .paths import atomic_path, remove_stale_temporaries
 
 
 @dataclass
-class TrainConfig:
+class DenoiserTrainConfig:
     """How an embedded model is trained. Saved beside its weights (``embedded.json``)."""
 
     steps: int = 3000
@@ -63,7 +63,7 @@ def _step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-def _lr_at(cfg: TrainConfig, step: int) -> float:
+def _lr_at(cfg: DenoiserTrainConfig, step: int) -> float:
     """Linear warm-up then cosine decay to 10 %."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -168,7 +168,7 @@ def train_denoiser(
     conds: torch.Tensor | None,
     null_cond: torch.Tensor | None,
     alphas_cumprod: torch.Tensor,
-    cfg: TrainConfig,
+    cfg: DenoiserTrainConfig,
     work_dir: str | Path,
     desc: str = "train",
 ) -> TrainState:

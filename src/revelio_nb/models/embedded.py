@@ -20,9 +20,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..paths import atomic_write_json, cache_dir, config_hash
+from .. import artifacts
+from ..paths import atomic_write_json
 from ..sampling import sample, to_uint8
-from ..training import TrainConfig, train_denoiser
+from ..training import DenoiserTrainConfig, train_denoiser
 from .core import DiffusionModel
 from .errors import ModelLoadError
 from .loading import load_from_folder, load_minilm
@@ -37,7 +38,7 @@ class EmbeddedSpec:
     conditioning: str = "none"  # "none" | "class" | "text"
     image_size: int = 32
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: DenoiserTrainConfig = field(default_factory=DenoiserTrainConfig)
     beta_schedule: str = "squaredcos_cap_v2"
     captions: str | None = None  # "module:function" returning one caption per dataset image (text models)
     description: str = ""
@@ -65,7 +66,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedSpec] = {
     "animals-unet": EmbeddedSpec(
         description="unconditional pixel UNet2DModel trained on the Animal-MNIST train split (32x32)",
         arch_kwargs=dict(UNET_SMALL),
-        train=TrainConfig(steps=1200, batch_size=64),
+        train=DenoiserTrainConfig(steps=1200, batch_size=64),
     ),
     # --- comparison models: architecture / pre-training data / class conditioning (probes issue) ---
     # One budget for all of them (250 steps x batch 64, warm-up 25 = what train_steps=250 gives any other entry,
@@ -74,35 +75,35 @@ EMBEDDED_MODELS: dict[str, EmbeddedSpec] = {
     "animals-unet-ref": EmbeddedSpec(
         description="animals-unet's architecture at the comparison budget (250 steps): reference of the comparisons",
         arch_kwargs=dict(UNET_SMALL),
-        train=TrainConfig(steps=250, batch_size=64, warmup_steps=25),
+        train=DenoiserTrainConfig(steps=250, batch_size=64, warmup_steps=25),
     ),
     "animals-dit": EmbeddedSpec(
         description="unconditional pixel DiTTransformer2DModel (patch 4 as DiT-*/4: 8x8 tokens, 6 blocks, width 96; "
         "~1.2M params like the UNet's 1.11M, ~0.4x its CPU step time) at the comparison budget",
         arch="dit",
         arch_kwargs=dict(num_layers=6, num_attention_heads=4, attention_head_dim=24, patch_size=4),
-        train=TrainConfig(steps=250, batch_size=64, warmup_steps=25),
+        train=DenoiserTrainConfig(steps=250, batch_size=64, warmup_steps=25),
     ),
     "animals5-unet": EmbeddedSpec(
         description="the reference UNet trained on Animal-MNIST classes 0-4 only (bear, bird, cat, cow, dog); "
         "probed on classes 5-9 it has never seen",
         classes=[0, 1, 2, 3, 4],
         arch_kwargs=dict(UNET_SMALL),
-        train=TrainConfig(steps=250, batch_size=64, warmup_steps=25),
+        train=DenoiserTrainConfig(steps=250, batch_size=64, warmup_steps=25),
     ),
     "animals-unet-class": EmbeddedSpec(
         description="class-conditional reference UNet (class embedding added to the time embedding; last id = "
         "null class, dropped 10 %); probed with the null class",
         conditioning="class",
         arch_kwargs=dict(UNET_SMALL),
-        train=TrainConfig(steps=250, batch_size=64, warmup_steps=25),
+        train=DenoiserTrainConfig(steps=250, batch_size=64, warmup_steps=25),
     ),
     "digits-unet": EmbeddedSpec(
         description="reference UNet on sklearn digits (8x8 padded to 16x16), all 10 classes",
         dataset="digits",
         image_size=16,
         arch_kwargs=dict(UNET_SMALL),
-        train=TrainConfig(steps=250, batch_size=64, warmup_steps=25),
+        train=DenoiserTrainConfig(steps=250, batch_size=64, warmup_steps=25),
     ),
     "digits5-unet": EmbeddedSpec(
         description="reference UNet on sklearn digits 0-4 only (16x16); probed on digits 5-9",
@@ -110,7 +111,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedSpec] = {
         classes=[0, 1, 2, 3, 4],
         image_size=16,
         arch_kwargs=dict(UNET_SMALL),
-        train=TrainConfig(steps=250, batch_size=64, warmup_steps=25),
+        train=DenoiserTrainConfig(steps=250, batch_size=64, warmup_steps=25),
     ),
     # --- text-conditioned model (Decoding Diffusion issue) ---
     "animals-unet-text": EmbeddedSpec(
@@ -133,7 +134,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedSpec] = {
             addition_embed_type="text",  # attention-pooled caption added to the time embedding: every ResNet
             addition_embed_type_num_heads=8,  # hears global words (size, shape, texture) at every resolution
         ),
-        train=TrainConfig(steps=900, batch_size=64),
+        train=DenoiserTrainConfig(steps=900, batch_size=64),
     ),
 }
 # the conditioning comparison (notebook 05) needs the text model on the same images as the others, at their budget
@@ -141,7 +142,7 @@ EMBEDDED_MODELS["animals-unet-text-ref"] = replace(
     EMBEDDED_MODELS["animals-unet-text"], dataset="animal-mnist",
     description="the text-conditioned UNet on plain Animal-MNIST at the comparison budget (250 steps): the "
     "language-conditioning entry of the comparisons",
-    train=TrainConfig(steps=250, batch_size=64, warmup_steps=25))
+    train=DenoiserTrainConfig(steps=250, batch_size=64, warmup_steps=25))
 # notebook 06's retrained text model: the same recipe from another training seed (initial weights, batches, noise)
 EMBEDDED_MODELS["animals-unet-text-seed1"] = replace(
     EMBEDDED_MODELS["animals-unet-text"], train=replace(EMBEDDED_MODELS["animals-unet-text"].train, seed=1),
@@ -190,7 +191,7 @@ def embedded_folder(name: str, train_steps: int | None = None) -> tuple[Embedded
             raise ModelLoadError(f"train_steps must be a positive integer, got {train_steps!r}")
         spec.train.steps = int(train_steps)
         spec.train.warmup_steps = min(spec.train.warmup_steps, max(1, spec.train.steps // 10))
-    return spec, cache_dir("models") / f"{name}-{config_hash(spec.identity())}"
+    return spec, artifacts.embedded_model_dir(name, spec)
 
 
 
