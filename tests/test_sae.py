@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import revelio_nb.sae as sae_mod
+import revelio_nb.sae.kernels as kernels
+import revelio_nb.sae.step as step_mod
 from revelio_nb.sae import (
     ArraySource,
     SaeConfig,
@@ -25,6 +26,9 @@ from revelio_nb.sae import (
     dense_decode,
     evaluate_sae,
     geometric_median,
+    permute,
+    plot_firing_histogram,
+    save_eval,
     sparse_decode,
     train_sae,
 )
@@ -71,7 +75,7 @@ def test_two_stage_topk_equals_topk(m, k):
     pre = torch.randn(37, m)
     pre[:, ::5] = pre[:, ::5].round()  # ties
     vals, idx = torch.empty(37, k), torch.empty(37, k, dtype=torch.long)
-    sae_mod._topk(pre, k, out=(vals, idx))
+    kernels._topk(pre, k, out=(vals, idx))
     ref = pre.topk(k, dim=1).values
     assert torch.equal(vals.sort(1, descending=True).values, ref)
     assert torch.equal(pre.gather(1, idx), vals)
@@ -82,15 +86,15 @@ def test_two_stage_topk_equals_topk(m, k):
 def test_encode_select_chunks_equal_topk_and_aux_among_dead(workspace, monkeypatch):
     """Row chunks (several, last one short) and the training step's reused buffers give the exact top-k, and the
     AuxK top-k only among dead latents, also when the number of dead latents changes between calls."""
-    monkeypatch.setattr(sae_mod, "CPU_CHUNK_ELEMS", 5 * 300)
-    monkeypatch.setattr(sae_mod, "TRAIN_CHUNK_ELEMS", 7 * 300)
+    monkeypatch.setattr(kernels, "CPU_CHUNK_ELEMS", 5 * 300)
+    monkeypatch.setattr(kernels, "TRAIN_CHUNK_ELEMS", 7 * 300)
     torch.manual_seed(0)
     x, w, b = torch.randn(37, 12), torch.randn(300, 12), torch.randn(300)
     pre = torch.addmm(b, x, w.t())
-    ws = sae_mod._Workspace(torch.device("cpu")) if workspace else None
+    ws = kernels._Workspace(torch.device("cpu")) if workspace else None
     for n_dead, k_aux in ((40, 6), (90, 6), (20, 3)):
         dead = torch.randperm(300)[:n_dead].sort().values
-        acts, idx, aux_acts, aux_idx = sae_mod._encode_select(x, w, b, 5, dead, k_aux, workspace=ws)
+        acts, idx, aux_acts, aux_idx = kernels._encode_select(x, w, b, 5, dead, k_aux, workspace=ws)
         ref = pre.topk(5, dim=1).values.clamp_min(0)
         torch.testing.assert_close(acts.sort(1, descending=True).values, ref)  # GEMM blocking: last-bit noise
         torch.testing.assert_close(pre.gather(1, idx).clamp_min(0), acts)
@@ -121,7 +125,7 @@ def test_sparse_decode_equals_dense(device):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_sparse_backward_equals_dense_autograd(device, dtype, monkeypatch):
     """All gradients (W_enc, b_enc, W_dec, b_dec, x) of FVU + AuxK equal dense autograd; chunked CPU path included."""
-    monkeypatch.setattr(sae_mod, "CPU_CHUNK_ELEMS", 3 * 4096)  # several encoder chunks of 3 rows
+    monkeypatch.setattr(kernels, "CPU_CHUNK_ELEMS", 3 * 4096)  # several encoder chunks of 3 rows
     torch.manual_seed(0)
     model = SparseAutoencoder(SaeConfig(d_in=32, num_latents=4096, k=8), device=device, dtype=dtype)
     with torch.no_grad():
@@ -180,14 +184,14 @@ def test_csr_matmul_overwrites_its_buffer_and_pair_dots(dtype):
     dense = torch.randn(6, 5, dtype=dtype)
     crow, col, vals = torch.tensor([0, 2, 2, 5, 5]), torch.tensor([0, 4, 1, 1, 5]), torch.tensor([1.0, 2, 3, 4, 5])
     out = torch.full((4, 5), float("nan"), dtype=dtype)
-    sae_mod._csr_matmul(crow, col, vals, dense, out=out)
+    kernels._csr_matmul(crow, col, vals, dense, out=out)
     ref = torch.zeros(4, 5, dtype=dtype)
     ref[0] = dense[0] + 2 * dense[4]
     ref[2] = 3 * dense[1] + 4 * dense[1] + 5 * dense[5]
     torch.testing.assert_close(out, ref)
     table = torch.randn(9, 5, dtype=dtype)
     rows, vec_rows = torch.tensor([3, 3, 0, 8]), torch.tensor([5, 0, 0, 2])
-    torch.testing.assert_close(sae_mod._pair_dots(table, rows, dense, vec_rows), (table[rows] * dense[vec_rows]).sum(1))
+    torch.testing.assert_close(kernels._pair_dots(table, rows, dense, vec_rows), (table[rows] * dense[vec_rows]).sum(1))
 
 
 def _reference_steps(model, xs, deads, lr, auxk_alpha, normalize):
@@ -211,7 +215,7 @@ def test_train_step_equals_dense_autograd_adam_reference(normalize, fused, monke
     """SaeTrainStep's hand-written sparse gradients, blockwise projection, Adam and renormalisation give the
     parameters and Adam state of dense autograd + torch.optim.Adam, over several steps, with AuxK on some of them,
     latents never selected (empty CSR rows) and a non-unit input scale."""
-    monkeypatch.setattr(sae_mod, "_FUSED_ADAM", fused)
+    monkeypatch.setattr(step_mod, "_FUSED_ADAM", fused)
     torch.manual_seed(0)
     dt = torch.float64
     model = SparseAutoencoder(SaeConfig(d_in=24, num_latents=300, k=5, normalize_decoder=normalize), dtype=dt)
@@ -340,7 +344,7 @@ def test_batch_order_is_a_fresh_permutation_each_epoch():
         tokens = batch_tokens(s, bs, n, seed=3)
         assert np.all(np.diff(tokens) >= 0)  # sorted for memmap locality
         # which epoch each token belongs to: positions are consecutive, tokens sorted per epoch part
-        perm_parts = [sae_mod.permute(pos[pos // n == e] % n, n, key=3 * 1_000_003 + e) for e in np.unique(pos // n)]
+        perm_parts = [permute(pos[pos // n == e] % n, n, key=3 * 1_000_003 + e) for e in np.unique(pos // n)]
         assert np.array_equal(np.sort(np.concatenate(perm_parts)), tokens)
         for e, part in zip(np.unique(pos // n), perm_parts):
             if e < 3:
@@ -496,12 +500,12 @@ def test_save_eval_tables_and_histogram(tmp_path):
     matplotlib.use("Agg")
     result = {"fvu": 0.1, "l0": 3.0, "dead_fraction": 0.25, "n_tokens": 10, "num_latents": 4, "k": 3,
               "firing_frequency": np.array([0.0, 0.1, 0.5, 0.02])}
-    metrics_path, firing_path = sae_mod.save_eval(result, tmp_path / "tables", name="blk")
+    metrics_path, firing_path = save_eval(result, tmp_path / "tables", name="blk")
     import pandas as pd
 
     assert pd.read_csv(metrics_path).loc[0, "dead_fraction"] == 0.25
     assert pd.read_csv(firing_path)["dead"].tolist() == [True, False, False, False]
-    ax = sae_mod.plot_firing_histogram(result["firing_frequency"])
+    ax = plot_firing_histogram(result["firing_frequency"])
     assert "25.0% never fire" in ax.get_title()
 
 
@@ -653,3 +657,23 @@ def test_resume_rewrites_a_layout_1_view(tmp_path):
     norms = load_file(str(tmp_path / "run" / "sae.safetensors"))["W_dec"].norm(dim=1)
     torch.testing.assert_close(norms, torch.ones_like(norms), atol=1e-5, rtol=0)
     assert all(torch.equal(a, b) for a, b in zip(again.parameters(), model.parameters()))
+
+
+def test_package_names_and_one_way_imports():
+    """The public names resolve from ``revelio_nb.sae``, and each module of the package imports only the modules
+    listed before it in the package docstring's order (no cycle), each under 400 lines."""
+    import ast
+    from pathlib import Path
+
+    import revelio_nb.sae as pkg
+
+    assert all(hasattr(pkg, name) for name in pkg.__all__)
+    order = ["config", "kernels", "model", "step", "source", "train", "evaluate", "plots"]
+    folder = Path(pkg.__file__).parent
+    assert sorted(p.stem for p in folder.glob("*.py") if p.stem != "__init__") == sorted(order)
+    for i, name in enumerate(order):
+        text = (folder / f"{name}.py").read_text()
+        assert len(text.splitlines()) < 400, name
+        siblings = {node.module for node in ast.walk(ast.parse(text))
+                    if isinstance(node, ast.ImportFrom) and node.level == 1}
+        assert siblings <= set(order[:i]), (name, siblings - set(order[:i]))
