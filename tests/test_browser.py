@@ -63,10 +63,11 @@ def artifacts() -> Path:
 def demo(tmp_path_factory):
     import torch
 
-    from revelio_nb import paths, widgets
+    from demo_run import demo_run
+    from revelio_nb import paths
 
     torch.set_num_threads(min(torch.get_num_threads(), 2))
-    return widgets.demo_run(paths.cache_dir("demo-run"))
+    return demo_run(paths.cache_dir("demo-run"))
 
 
 def _free_port() -> int:
@@ -280,7 +281,7 @@ def test_notebook_browser_in_jupyterlab(chromium, demo, tmp_path, artifacts):
 
 
 def test_static_page_offline(chromium, demo, tmp_path, artifacts):
-    from revelio_nb import gallery
+    from revelio_nb.browse import gallery
 
     data, problems = gallery.load_all(demo, progress=False)
     assert not problems

@@ -8,7 +8,7 @@ Papermill (and any notebook viewer without a kernel) drops widget state, so note
   per dataset, embedded as a data URI), heatmaps, class bars and the 2-D dataset view embedded in it. No server,
   no CDN, no network request: open it from disk in any browser, pick a hookpoint, slide through latents.
 
-Both read exactly what the widget reads (:func:`revelio_nb.widgets.load_hookpoint`).
+Both read exactly what the widget reads (:func:`revelio_nb.browse.index.load_hookpoint`).
 """
 
 from __future__ import annotations
@@ -28,11 +28,13 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .paths import atomic_write_text
-from .plots import save_table, savefig
-from .taxonomy import KINDS
-from .widgets import (SORTS, BrowserError, HookpointData, allowed_roots, available_sorts, class_colors, compose_image,
-                      display_image, heat_lut, load_hookpoint, read_hookpoints, slugify, sort_latents)
+from ..paths import atomic_write_text
+from ..plots import save_table, savefig
+from ..run_index import HookpointIndex, RunIndexError, allowed_roots
+from ..taxonomy import KINDS
+from .errors import BrowserError
+from .images import class_colors, compose_image, display_image, heat_lut
+from .index import SORTS, HookpointData, available_sorts, load_hookpoint, slugify, sort_latents
 
 TABLE_COLUMNS = ("latent", "freq_images", "freq_tokens", "mean_act", "max_act", "purity", "majority_label",
                  "best_auroc", "best_auroc_label", "n_top", "dead", "kind_rank", "attribute_rho", "attribute_rho_abs",
@@ -42,7 +44,7 @@ TEXT_COLUMNS = ("kind", "kind_label", "best_attribute")  # strings: shown with t
 
 def _rows(hookpoints: pd.DataFrame | None, run_dir, extra_roots: Sequence = ()) -> list[dict]:
     if hookpoints is None:
-        hookpoints = read_hookpoints(run_dir, extra_roots)
+        hookpoints = HookpointIndex(run_dir, extra_roots).read()
     return [r.to_dict() for _, r in hookpoints.iterrows()]
 
 
@@ -296,7 +298,7 @@ def write_static_browser(run_dir: str | os.PathLike, data: Sequence[HookpointDat
     if data is None:
         try:
             data, problems = load_all(run_dir, extra_roots=extra_roots)
-        except (FileNotFoundError, BrowserError) as e:
+        except (FileNotFoundError, RunIndexError) as e:
             print(f"no static browser written: {e}")
             return None
         for p in problems:
