@@ -281,11 +281,12 @@ def test_notebook_browser_in_jupyterlab(chromium, demo, tmp_path, artifacts):
 
 
 def test_static_page_offline(chromium, demo, tmp_path, artifacts):
+    from revelio_nb import browse
     from revelio_nb.browse import gallery
 
     data, problems = gallery.load_all(demo, progress=False)
     assert not problems
-    page_path = gallery.write_html(data, tmp_path / "latents.html", top_n=8)
+    page_path = browse.page.write_html(data, tmp_path / "latents.html", top_n=8)
     page = chromium.new_page(viewport={"width": 1200, "height": 800})
     requests, errors = [], []
     page.on("request", lambda r: requests.append(r.url))

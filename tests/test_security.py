@@ -24,7 +24,6 @@ import torch
 
 from demo_run import demo_run
 from revelio_nb import browse
-from revelio_nb.browse import gallery
 from revelio_nb.run_index import HookpointIndex
 
 CLASS_PAYLOADS = ['<img src=x onerror=alert(1)>', '<!--', '"\'><svg onload=alert(4)>', '&lt;b&gt; & <b>bold']
@@ -65,7 +64,7 @@ def payload_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(payload_run) -> Path:
-    path = gallery.write_static_browser(payload_run, top_n=8)
+    path = browse.page.write_static_browser(payload_run, top_n=8)
     assert path is not None
     return path
 

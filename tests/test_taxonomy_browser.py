@@ -76,7 +76,7 @@ def test_latent_kinds_sort_filter_and_stats_line(browser):
 
 def test_static_page_carries_kinds_as_text(demo, tmp_path):
     data, _ = gallery.load_all(demo, progress=False)
-    page = gallery.write_html(data[:1], tmp_path / "latents.html", top_n=4)
+    page = browse.page.write_html(data[:1], tmp_path / "latents.html", top_n=4)
     p = _payload(page)
     h = p["hookpoints"][0]
     assert h["table"]["kind"] == data[0].table["kind"].tolist()

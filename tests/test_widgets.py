@@ -394,7 +394,7 @@ def test_png_gallery_and_standalone_page(demo, tmp_path):
     summary = gallery.summarize_hookpoints(data)
     assert summary["latents"].tolist() == [d.num_latents for d in data]
 
-    page = gallery.write_html(data, tmp_path / "browser" / "latents.html", top_n=4)
+    page = browse.page.write_html(data, tmp_path / "browser" / "latents.html", top_n=4)
     text = page.read_text()
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", text), "the page must not load anything remote"
     assert "Content-Security-Policy" in text and "default-src 'none'" in text
@@ -407,7 +407,7 @@ def test_png_gallery_and_standalone_page(demo, tmp_path):
         assert h["spatial"] == d.spatial and (h["maps"] is not None) == d.spatial
         ptr = np.frombuffer(base64.b64decode(h["firing_ptr"]), "<i4")
         assert ptr[-1] == sum(min(len(d.firing_images(m)[0]), 1000) for m in range(d.num_latents))
-    assert gallery.write_static_browser(tmp_path / "nothing") is None
+    assert browse.page.write_static_browser(tmp_path / "nothing") is None
 
 
 def test_row_dataset_must_be_the_one_its_store_was_extracted_from(demo):

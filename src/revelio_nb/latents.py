@@ -155,8 +155,8 @@ class LatentStats:
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write the parts, then commit them: ``latents.csv``, ``top.npz`` (rows, values, images, labels, label
-        counts), ``maps.npy`` (spatial), ``firing.npz`` (the firing lists), each written atomically, then ``meta.json`` (the stats' meta and the size
-        and SHA-256 of every part), the one commit marker. A kill at any moment leaves either the committed new
+        counts), ``maps.npy`` (spatial), ``firing.npz`` (the firing lists), each written atomically, then
+        ``meta.json`` (the stats' meta and the size and SHA-256 of every part), the one commit marker. A kill at any moment leaves either the committed new
         statistics or an uncommitted folder that :meth:`load` refuses and :func:`is_committed` reports as not
         computed (the marker is removed before the first part is written).
         """

@@ -30,12 +30,14 @@ Modules (each imports only those above it):
   (:class:`Renderer`).
 * :mod:`.view`: what is shown for one latent (:class:`LatentView`, :func:`latent_view`, :func:`bars_html`).
 * :mod:`.widget`: the ipywidgets browser (:class:`LatentBrowser`).
-* :mod:`.gallery`: the static fallback: PNG galleries and one self-contained HTML page.
+* :mod:`.gallery`: the static fallback, part 1: every hookpoint loaded at once (:func:`gallery.load_all`), a
+  summary table, PNG galleries.
+* :mod:`.page`: the static fallback, part 2: one self-contained HTML page (strict CSP, data shown as text only).
 """
 
 from __future__ import annotations
 
-from . import gallery
+from . import gallery, page
 from .embedding import EMBEDDINGS, embedding_points
 from .errors import BrowserError
 from .images import Renderer, class_colors, compose_image, display_image, heat_lut
@@ -47,4 +49,4 @@ from .widget import LatentBrowser, browse
 __all__ = ["ALL_KINDS", "EMBEDDINGS", "SORTS", "BrowserError", "HookpointData", "LatentBrowser", "LatentView",
            "Renderer", "available_sorts", "bars_html", "browse", "class_colors", "compose_image", "display_image",
            "embedding_points", "gallery", "heat_lut", "kind_choices", "latent_table", "latent_view", "load_hookpoint",
-           "slugify", "sort_latents", "with_taxonomy"]
+           "page", "slugify", "sort_latents", "with_taxonomy"]

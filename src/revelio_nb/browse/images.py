@@ -10,7 +10,6 @@ import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover - types only
     from .index import HookpointData
-    from .view import LatentView
 
 def display_image(img: np.ndarray, image_size: int | None) -> np.ndarray:
     """The image framed as the model saw it, so activation maps line up (mirrors ``data.resize_square``): zero
@@ -128,9 +127,9 @@ class Renderer:
             self._base = (rgb, xy, point_rgb)
         return self._base
 
-    def scatter(self, view: LatentView) -> bytes:
-        """The dataset view: faded points, the images where the latent fires in their class colour (dark edge),
-        its top images ringed red."""
+    def scatter(self, view) -> bytes:
+        """The dataset view of a :class:`~revelio_nb.browse.view.LatentView`: faded points, the images where the
+        latent fires in their class colour (dark edge), its top images ringed red."""
         from PIL import Image, ImageDraw
 
         rgb, xy, colors = self._base_scatter()

@@ -189,8 +189,9 @@ def load_hookpoint(row: dict | pd.Series, embedding: str = "pca", seed: int = 0,
     """Load one hookpoint's statistics (with their firing lists), dataset images and 2-D embedding (cached after
     the first time). ``firing=False``: the dataset view rings the top images only.
 
-    ``roots``: when given (see :func:`allowed_roots`), the row's folders must lie inside them (:func:`read_hookpoints`
-    already checks the rows it returns). The row's ``dataset`` must be the one its store was extracted from.
+    ``roots``: when given (see :func:`revelio_nb.run_index.allowed_roots`), the row's folders must lie inside
+    them (:meth:`revelio_nb.run_index.HookpointIndex.read` already checks the rows it returns). The row's
+    ``dataset`` must be the one its store was extracted from.
     """
     from ..latents import LatentStats, LatentStatsError
 

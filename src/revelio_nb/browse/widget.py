@@ -21,7 +21,7 @@ from .index import ALL_KINDS, SORTS, HookpointData, available_sorts, kind_choice
 from .view import LatentView, bars_html, latent_view
 
 class LatentBrowser:
-    """ipywidgets browser over the SAE latents of a run (see the module docstring). Display it as the cell's value.
+    """ipywidgets browser over the SAE latents of a run (see :mod:`revelio_nb.browse`). Display it as the cell's value.
 
     ``run_dir``: reads ``<run_dir>/sae/hookpoints.csv``; or pass ``hookpoints`` (a validated DataFrame). The index's
     folders must lie in the run folder, the cache folder or ``extra_roots`` (:meth:`revelio_nb.run_index.HookpointIndex.read`).
