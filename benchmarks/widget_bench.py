@@ -42,7 +42,7 @@ def _matplotlib_move(browser) -> float:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from revelio_nb.widgets import compose_image
+    from revelio_nb.browse import compose_image
 
     t0 = time.perf_counter()
     v, d = browser.view, browser.data
@@ -78,15 +78,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     import torch
 
     torch.set_num_threads(1)
-    from revelio_nb import widgets
+    from revelio_nb import browse
+    from revelio_nb.run_index import HookpointIndex
 
     run = Path(args.run_dir)
-    if not widgets.hookpoints_path(run).is_file():
+    if not HookpointIndex(run).exists():
         run = ROOT / "benchmarks" / "out" / "widget-demo"
         print(f"no hookpoints in {args.run_dir}; building a demo run in {run} (once)", flush=True)
-        widgets.demo_run(run, max_images=2000, expansion=16, k=8, sae_steps=300, progress=True)
+        sys.path.insert(0, str(ROOT / "tests"))  # the demo run is a test fixture (tests/demo_run.py)
+        from demo_run import demo_run
+
+        demo_run(run, max_images=2000, expansion=16, k=8, sae_steps=300, progress=True)
     t0 = time.perf_counter()
-    b = widgets.LatentBrowser(run, top_n=args.top_n, progress=False)
+    b = browse.LatentBrowser(run, top_n=args.top_n, progress=False)
     print(f"opened {run}: {len(b.hookpoint_dd.options)} hookpoints ({time.perf_counter() - t0:.1f} s incl. first "
           f"hookpoint load / caches)", flush=True)
     rng = np.random.default_rng(args.seed)

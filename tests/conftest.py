@@ -30,14 +30,15 @@ def _scheduler(folder: Path) -> None:
     DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2").save_pretrained(folder / "scheduler")
 
 
-def save_tiny_unet(folder: Path, seed: int = 0, num_class_embeds: int | None = None) -> Path:
+def save_tiny_unet(folder: Path, seed: int = 0, num_class_embeds: int | None = None,
+                   block_out_channels: tuple[int, int] = (8, 16), norm_num_groups: int = 4) -> Path:
     from diffusers import UNet2DModel
 
     torch.manual_seed(seed)
     unet = UNet2DModel(
-        sample_size=32, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+        sample_size=32, in_channels=1, out_channels=1, block_out_channels=block_out_channels, layers_per_block=1,
         down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4, attention_head_dim=8, num_class_embeds=num_class_embeds,
+        norm_num_groups=norm_num_groups, attention_head_dim=8, num_class_embeds=num_class_embeds,
     )
     unet.save_pretrained(folder / "unet", safe_serialization=True)
     _scheduler(folder)

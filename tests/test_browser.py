@@ -63,10 +63,11 @@ def artifacts() -> Path:
 def demo(tmp_path_factory):
     import torch
 
-    from revelio_nb import paths, widgets
+    from demo_run import demo_run
+    from revelio_nb import paths
 
     torch.set_num_threads(min(torch.get_num_threads(), 2))
-    return widgets.demo_run(paths.cache_dir("demo-run"))
+    return demo_run(paths.cache_dir("demo-run"))
 
 
 def _free_port() -> int:
@@ -280,11 +281,12 @@ def test_notebook_browser_in_jupyterlab(chromium, demo, tmp_path, artifacts):
 
 
 def test_static_page_offline(chromium, demo, tmp_path, artifacts):
-    from revelio_nb import gallery
+    from revelio_nb import browse
+    from revelio_nb.browse import gallery
 
     data, problems = gallery.load_all(demo, progress=False)
     assert not problems
-    page_path = gallery.write_html(data, tmp_path / "latents.html", top_n=8)
+    page_path = browse.page.write_html(data, tmp_path / "latents.html", top_n=8)
     page = chromium.new_page(viewport={"width": 1200, "height": 800})
     requests, errors = [], []
     page.on("request", lambda r: requests.append(r.url))

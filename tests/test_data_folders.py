@@ -214,9 +214,9 @@ def test_missing_optional_dependency_is_one_line(monkeypatch):
 def test_latent_browser_without_ipywidgets_is_one_line(monkeypatch, tmp_path):
     import sys
 
-    from revelio_nb import widgets
+    from revelio_nb import browse
     from revelio_nb.optional import MissingDependency
 
     monkeypatch.setitem(sys.modules, "ipywidgets", None)
     with pytest.raises(MissingDependency, match=r"^ipywidgets is not installed .*pip install 'ipywidgets==8"):
-        widgets.LatentBrowser(tmp_path)
+        browse.LatentBrowser(tmp_path)

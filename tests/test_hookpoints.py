@@ -3,6 +3,7 @@ import pytest
 
 from revelio_nb import hookpoints as hp
 from revelio_nb import sae
+from revelio_nb.run_index import HookpointIndex
 
 
 def small_run(path, pooling="mean"):
@@ -16,7 +17,7 @@ def test_index_written_and_cached(tiny_unet_path, tmp_path):
     rows = hp.train_hookpoints(run, [("mid_block", 10), ("up_blocks.0", 100)], progress=False)
     table = hp.write_index(tmp_path / "run", rows)
     saved = pd.read_csv(tmp_path / "run" / "sae" / "hookpoints.csv")
-    assert set(hp.INDEX_COLUMNS) <= set(saved.columns) and len(saved) == 2
+    assert set(HookpointIndex.COLUMNS) <= set(saved.columns) and len(saved) == 2
     assert saved.block.tolist() == ["mid_block", "up_blocks.0"] and saved.t.tolist() == [10, 100]
     assert (saved.split == "test").all() and (saved.dead_fraction.between(0, 1)).all()
     # the taxonomy of every SAE is cached beside its latent statistics and pointed to by the index

@@ -103,7 +103,7 @@ def test_sigkill_inside_the_stats_save_then_rerun_equals_uninterrupted(tiny_unet
     _assert_same_stats(LatentStats.load(lat_dir), uninterrupted)
 
 
-@pytest.mark.parametrize("part", ["latents.csv", "top.npz", "maps.npy"])
+@pytest.mark.parametrize("part", ["latents.csv", "top.npz", "maps.npy", "firing.npz"])
 def test_truncated_part_is_detected_and_recomputed(tiny_unet_path, part, threads):
     run = make_run(str(tiny_unet_path))
     row = hp.train_hookpoints(run, [("mid_block", 10)], progress=False)[0]

@@ -167,3 +167,39 @@ def test_plot_top_images_writes_png(tmp_path):
     assert len(fig.axes) == 9
     with pytest.raises(ValueError, match="out of range"):
         plot_top_images(stats, images, latents=[12])
+
+
+# ------------------------------------------------------------------------------------------ firing lists
+def test_firing_lists_are_every_firing_image_best_first_in_dataset_indices(tmp_path):
+    """The stats pass keeps, for each latent, every image where it fires (dataset indices, score descending, ties
+    in image order), saved as the firing.npz part of the commit: what the browser's dataset view draws."""
+    # identity SAE, k = 2: exact scores, with ties (images 0 and 2 both score 3 on latent 0)
+    x = np.array([[3, 1, 0, 0], [0, 2, 5, 0], [3, 0, 0, 1], [1, 0, 0, 4], [0, 0, 0, 0]], dtype=np.float32)
+    index = np.array([40, 41, 42, 43, 44])
+    stats = latent_stats(_identity_sae(4, 2), x, top_n=1, image_index=index, batch_size=2, max_entries=3)
+    f = stats.firing
+    assert f.ptr.tolist() == [0, 3, 5, 6, 8]
+    assert [f.of(m)[0].tolist() for m in range(4)] == [[40, 42, 43], [41, 40], [41], [43, 42]]
+    assert [f.of(m)[1].tolist() for m in range(4)] == [[3, 3, 1], [2, 1], [5], [4, 1]]
+    stats.save(tmp_path / "lat")
+    back = LatentStats.load(tmp_path / "lat")
+    for name in ("ptr", "images", "scores"):
+        np.testing.assert_array_equal(getattr(back.firing, name), getattr(f, name))
+
+
+def test_spatial_firing_lists_match_the_dense_code_with_spilling(tmp_path):
+    rng = np.random.default_rng(3)
+    n, c, h, w, m, k = 30, 6, 3, 3, 24, 3
+    arr = rng.normal(size=(n, c, h, w)).astype(np.float32)
+    model = _random_sae(c, m, k, seed=4)
+    index = np.arange(n) * 7 + 1
+    stats = latent_stats(model, arr, top_n=2, image_index=index, batch_size=45, max_entries=50, spill_dir=tmp_path)
+    with torch.no_grad():
+        acts, idx = model.encode(torch.from_numpy(arr.transpose(0, 2, 3, 1).reshape(-1, c)))
+    score = torch.zeros(len(acts), m).scatter(1, idx, acts).numpy().reshape(n, h * w, m).max(axis=1)
+    for lat in range(m):
+        imgs, vals = stats.firing.of(lat)
+        assert sorted(imgs.tolist()) == sorted(index[score[:, lat] > 0].tolist())
+        assert np.all(np.diff(vals) <= 0)
+        np.testing.assert_allclose(vals, score[(imgs - 1) // 7, lat], rtol=1e-5)
+        np.testing.assert_array_equal(imgs[:2], stats.top_images[lat, :len(imgs[:2])])

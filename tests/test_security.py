@@ -22,7 +22,9 @@ import pandas as pd
 import pytest
 import torch
 
-from revelio_nb import gallery, widgets
+from demo_run import demo_run
+from revelio_nb import browse
+from revelio_nb.run_index import HookpointIndex
 
 CLASS_PAYLOADS = ['<img src=x onerror=alert(1)>', '<!--', '"\'><svg onload=alert(4)>', '&lt;b&gt; & <b>bold']
 LABEL_PAYLOAD = '</script><script>alert(2)</script> · mid_block'
@@ -48,11 +50,11 @@ def payload_run(tmp_path_factory):
     old = torch.get_num_threads()
     torch.set_num_threads(min(old, 2))
     try:
-        run = widgets.demo_run(root / "run", dataset=str(folder), max_images=None, blocks=("mid_block",),
+        run = demo_run(root / "run", dataset=str(folder), max_images=None, blocks=("mid_block",),
                                spatial_block="mid_block", expansion=2, k=2, sae_steps=30, top_n=8)
     finally:
         torch.set_num_threads(old)
-    index = widgets.hookpoints_path(run)
+    index = HookpointIndex(run).path
     table = pd.read_csv(index)
     table["hookpoint"] = [f"{LABEL_PAYLOAD} #{i}" for i in range(len(table))]
     table["model"] = MODEL_PAYLOAD
@@ -62,7 +64,7 @@ def payload_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(payload_run) -> Path:
-    path = gallery.write_static_browser(payload_run, top_n=8)
+    path = browse.page.write_static_browser(payload_run, top_n=8)
     assert path is not None
     return path
 
@@ -121,7 +123,7 @@ def _parse(fragment: str) -> _Markup:
 def test_widget_html_escapes_everything_from_data(payload_run):
     """Every HTML value the ipywidgets browser shows is built from escaped text: only its own tags, no handler
     attributes, no comment, and the names read back verbatim as text."""
-    b = widgets.LatentBrowser(payload_run, top_n=8, progress=False)
+    b = browse.LatentBrowser(payload_run, top_n=8, progress=False)
     assert b.message == "" and b.view is not None, b.message
     shown = []
     for label in b.hookpoint_dd.options:
@@ -141,7 +143,7 @@ def test_widget_html_escapes_everything_from_data(payload_run):
         assert name in text, f"class name {name!r} not shown as text"
     assert LABEL_PAYLOAD in text  # the label in the snapshot heading
     assert list(b.hookpoint_dd.options) == [f"{LABEL_PAYLOAD} #{i}" for i in range(2)]  # option text, not HTML
-    from revelio_nb.widgets import LatentView, bars_html
+    from revelio_nb.browse import LatentView, bars_html
 
     view = LatentView(hookpoint="h", latent=0, position=0, count=1, stats={}, images=np.zeros(0, int),
                       values=np.zeros(0), labels=None, label_counts=np.array([1, 2]),

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from revelio_nb import gallery, widgets
-from revelio_nb.widgets import BrowserError, LatentBrowser, sort_latents
+from demo_run import demo_run
+from revelio_nb import browse
+from revelio_nb.browse import BrowserError, LatentBrowser, gallery, sort_latents
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,7 @@ def demo():
     old = torch.get_num_threads()
     torch.set_num_threads(min(old, 2))
     try:
-        yield widgets.demo_run(paths.cache_dir("demo-run"))
+        yield demo_run(paths.cache_dir("demo-run"))
     finally:
         torch.set_num_threads(old)
 
@@ -50,8 +51,8 @@ def test_latent_kinds_sort_filter_and_stats_line(browser):
     d = b.data
     tax = Taxonomy.load(d.row["taxonomy_path"]).table
     assert d.table["kind"].tolist() == tax["kind"].tolist()
-    assert {"kind", "attribute |rho|"} <= set(widgets.available_sorts(d.table))
-    assert b.kind_dd.options[0] == widgets.ALL_KINDS and not b.kind_dd.disabled
+    assert {"kind", "attribute |rho|"} <= set(browse.available_sorts(d.table))
+    assert b.kind_dd.options[0] == browse.ALL_KINDS and not b.kind_dd.disabled
     live_kinds = [k for k in b.kind_dd.options[1:] if k != "dead"]
     assert live_kinds, "the demo SAE should have live latents of some kind"
     b.dead_cb.value = True
@@ -63,7 +64,7 @@ def test_latent_kinds_sort_filter_and_stats_line(browser):
         assert f"kind: {kind}" in b.stats_text
         if row["best_attribute"]:
             assert f"best attribute {row['best_attribute']}" in b.stats_text
-    b.kind_dd.value = widgets.ALL_KINDS
+    b.kind_dd.value = browse.ALL_KINDS
     b.sort_dd.value = "kind"  # kinds in taxonomy order, strongest first within a kind
     ranks = [KINDS.index(k) for k in d.table.set_index("latent").loc[b.order, "kind"]]
     assert ranks == sorted(ranks)
@@ -75,7 +76,7 @@ def test_latent_kinds_sort_filter_and_stats_line(browser):
 
 def test_static_page_carries_kinds_as_text(demo, tmp_path):
     data, _ = gallery.load_all(demo, progress=False)
-    page = gallery.write_html(data[:1], tmp_path / "latents.html", top_n=4)
+    page = browse.page.write_html(data[:1], tmp_path / "latents.html", top_n=4)
     p = _payload(page)
     h = p["hookpoints"][0]
     assert h["table"]["kind"] == data[0].table["kind"].tolist()

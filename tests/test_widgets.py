@@ -13,9 +13,15 @@ import pandas as pd
 import pytest
 import torch
 
-from revelio_nb import gallery, widgets
+from demo_run import demo_run
+from revelio_nb import browse
+from revelio_nb.browse import BrowserError, LatentBrowser, gallery, sort_latents
 from revelio_nb.latents import LatentStats
-from revelio_nb.widgets import BrowserError, LatentBrowser, read_hookpoints, sort_latents
+from revelio_nb.run_index import HookpointIndex, RunIndexError
+
+
+def read_hookpoints(run_dir, extra_roots=()):
+    return HookpointIndex(run_dir, extra_roots).read()
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +31,7 @@ def demo():
     old = torch.get_num_threads()
     torch.set_num_threads(min(old, 2))
     try:
-        yield widgets.demo_run(paths.cache_dir("demo-run"))
+        yield demo_run(paths.cache_dir("demo-run"))
     finally:
         torch.set_num_threads(old)
 
@@ -53,19 +59,19 @@ def test_read_hookpoints_validates_with_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"sae/hookpoints.csv.*notebook 02"):
         read_hookpoints(tmp_path)
     _write_index(tmp_path, [{k: v for k, v in ROW.items() if k != "store_dir"}])
-    with pytest.raises(BrowserError, match=r"lacks the columns \['store_dir'\]"):
+    with pytest.raises(RunIndexError, match=r"lacks the columns \['store_dir'\]"):
         read_hookpoints(tmp_path)
     _write_index(tmp_path, [{**ROW, "pooling": "max"}])
-    with pytest.raises(BrowserError, match=r"pooling \['max'\] not in \['mean', 'none'\]"):
+    with pytest.raises(RunIndexError, match=r"pooling \['max'\] not in \['mean', 'none'\]"):
         read_hookpoints(tmp_path)
     _write_index(tmp_path, [ROW, ROW])
-    with pytest.raises(BrowserError, match="unique"):
+    with pytest.raises(RunIndexError, match="unique"):
         read_hookpoints(tmp_path)
     _write_index(tmp_path, [{**ROW, "t": "late"}])
-    with pytest.raises(BrowserError, match="integer timesteps"):
+    with pytest.raises(RunIndexError, match="integer timesteps"):
         read_hookpoints(tmp_path)
-    (tmp_path / "sae" / "hookpoints.csv").write_text(",".join(widgets.REQUIRED_COLUMNS) + "\n")
-    with pytest.raises(BrowserError, match="no hookpoints"):
+    (tmp_path / "sae" / "hookpoints.csv").write_text(",".join(HookpointIndex.REQUIRED_COLUMNS) + "\n")
+    with pytest.raises(RunIndexError, match="no hookpoints"):
         read_hookpoints(tmp_path)
     # relative paths: against the CSV's folder (sae/), else against the run folder
     (tmp_path / "sae" / "a" / "latents").mkdir(parents=True)
@@ -88,13 +94,13 @@ def test_index_paths_must_stay_in_the_run_or_cache_folder(tmp_path, column, valu
     (run / "sae").mkdir(parents=True)
     (run / "sae" / "link").symlink_to(tmp_path.parent, target_is_directory=True)  # in the run, leads out of it
     _write_index(run, [{**ROW, "store_dir": "stores/s", column: value}])
-    with pytest.raises(BrowserError) as e:
+    with pytest.raises(RunIndexError) as e:
         read_hookpoints(run)
     msg = str(e.value)
     assert f"column {column!r} = {value!r}" in msg and str(run.resolve()) in msg and str(cache_dir().resolve()) in msg
     b = LatentBrowser(run, progress=False)  # in the widget: a message, nothing read
     assert column in b.message and b.view is None
-    with pytest.raises(BrowserError):
+    with pytest.raises(RunIndexError):
         gallery.load_all(run)
     # an explicitly allowed extra folder is accepted
     if value.startswith(("/etc", "../../etc")):
@@ -126,7 +132,7 @@ def test_browser_cache_writes_do_not_follow_symlinks(tmp_path):
     import os
     for pid_name in (f".firing.npz.tmp{os.getpid()}.npz", f".firing.npz.tmp{os.getpid()}"):
         (folder / pid_name).symlink_to(tmp_path / f"also-outside-{len(pid_name)}")
-    got = widgets._cache_file(folder, "firing.npz", "k1", lambda: {"a": np.arange(3)})
+    got = browse.embedding.cached_npz(folder, "firing.npz", "k1", lambda: {"a": np.arange(3)})
     assert got["a"].tolist() == [0, 1, 2]
     assert outside.read_bytes() == b"precious" and not list(tmp_path.glob("also-outside-*"))
     assert not (folder / "firing.npz").is_symlink()
@@ -148,15 +154,15 @@ def test_sort_latents_orders_filters_and_puts_missing_last():
         sort_latents(table, "loudness")
     with pytest.raises(BrowserError, match="no 'purity' column"):
         sort_latents(table.drop(columns="purity"), "purity")
-    assert "purity" not in widgets.available_sorts(table.drop(columns="purity"))
+    assert "purity" not in browse.available_sorts(table.drop(columns="purity"))
 
 
 def test_display_image_pads_like_the_model_input():
     img = np.full((28, 28, 1), 200, np.uint8)
-    out = widgets.display_image(img, 32)
+    out = browse.display_image(img, 32)
     assert out.shape == (32, 32, 1) and out[:2].max() == 0 and out[2:30, 2:30].min() == 200
-    assert widgets.display_image(np.zeros((40, 30, 3), np.uint8), 32).shape == (30, 30, 3)  # centre square crop
-    out = widgets.display_image(np.full((20, 30, 1), 9, np.uint8), 32)  # smaller, not square: padded, not cropped
+    assert browse.display_image(np.zeros((40, 30, 3), np.uint8), 32).shape == (30, 30, 3)  # centre square crop
+    out = browse.display_image(np.full((20, 30, 1), 9, np.uint8), 32)  # smaller, not square: padded, not cropped
     assert out.shape == (32, 32, 1) and out[6:26, 1:31].min() == 9 and out.sum() == 9 * 600
 
 
@@ -166,7 +172,7 @@ def test_slider_sort_and_filter_select_the_right_latent_and_images(browser):
     b.hookpoint_dd.value = _label(b, spatial=False)
     d = b.data
     st = d.stats
-    for sort in widgets.available_sorts(d.table):
+    for sort in browse.available_sorts(d.table):
         for hide in (True, False):
             b.sort_dd.value = sort
             b.dead_cb.value = hide
@@ -301,7 +307,7 @@ def test_firing_index_matches_the_sparse_code(demo):
     from revelio_nb.sae import SparseAutoencoder
 
     row = read_hookpoints(demo).iloc[0].to_dict()
-    d = widgets.load_hookpoint(row, progress=False)
+    d = browse.load_hookpoint(row, progress=False)
     store = FeatureStore.open(row["store_dir"])
     x = torch.from_numpy(np.array(store.array(row["block"], row["t"]), dtype=np.float32))
     with torch.no_grad():
@@ -316,12 +322,56 @@ def test_firing_index_matches_the_sparse_code(demo):
         assert int(d.table.loc[lat, "freq_images"] * len(store) + 0.5) == len(imgs)
 
 
+def _reencoded_firing(row: dict):
+    """The firing index as the browser built it before it read the statistics' firing lists: encode the whole
+    store again, an image's score its activation (max over positions), sorted by latent then score."""
+    from revelio_nb.features import FeatureStore
+    from revelio_nb.sae import ArraySource, SparseAutoencoder
+
+    store = FeatureStore.open(row["store_dir"])
+    src = ArraySource(store.array(row["block"], int(row["t"])))
+    model = SparseAutoencoder.load(row["sae_dir"])
+    m, hw = model.num_latents, src.positions
+    tokens = np.arange(len(src.rows) * hw)
+    with torch.no_grad():
+        acts, idx = model.encode(torch.from_numpy(src.gather(tokens)))
+    dense = torch.zeros(len(tokens), m).scatter(1, idx, acts.float()).numpy().reshape(len(src.rows), hw, m).max(1)
+    img, lat = np.nonzero(dense > 0)
+    val = dense[img, lat]
+    order = np.lexsort((img, -val, lat))
+    return np.searchsorted(lat[order], np.arange(m + 1)), store.indices[img[order]], val[order]
+
+
+def test_browser_reads_the_firing_lists_of_the_stats_pass_and_shows_what_it_showed_before(demo, monkeypatch):
+    """No second encoding pass: the hookpoint loads with the SAE's encoder disabled, and every latent's firing
+    images (solid points of the dataset view) and their order equal the old re-encoding firing index."""
+    from revelio_nb.sae import SparseAutoencoder
+
+    rows = read_hookpoints(demo).to_dict("records")
+    expected = [_reencoded_firing(r) for r in rows]
+
+    def no_encoding(*a, **k):
+        raise AssertionError("the browser encoded the store again")
+
+    monkeypatch.setattr(SparseAutoencoder, "encode", no_encoding)
+    assert {r["pooling"] for r in rows} == {"mean", "none"}
+    for row, (ptr, images, scores) in zip(rows, expected):
+        d = browse.load_hookpoint(row, progress=False)
+        np.testing.assert_array_equal(d.firing.ptr, ptr)
+        np.testing.assert_array_equal(d.firing.images, images)
+        np.testing.assert_allclose(d.firing.scores, scores, rtol=1e-5)
+        for lat in range(d.num_latents):
+            v = browse.latent_view(d, lat, top_n=8)
+            assert v.n_firing == ptr[lat + 1] - ptr[lat]
+            np.testing.assert_array_equal(v.firing_points, d.points_of(images[ptr[lat]:ptr[lat + 1]]))
+
+
 def test_embedding_and_firing_caches_are_reused(demo):
     row = read_hookpoints(demo).iloc[1].to_dict()
-    widgets.load_hookpoint(row, progress=False)
-    files = [Path(row["latents_dir"]) / n for n in ("embedding-pca.npz", "firing.npz")]
+    browse.load_hookpoint(row, progress=False)
+    files = [Path(row["latents_dir"]) / n for n in ("embedding-pca.npz", "firing.npz")]  # firing: the stats' part
     stamps = [f.stat().st_mtime_ns for f in files]
-    d = widgets.load_hookpoint(row, progress=False)
+    d = browse.load_hookpoint(row, progress=False)
     assert [f.stat().st_mtime_ns for f in files] == stamps
     assert d.points.shape == (len(d.point_indices), 2) and np.isfinite(d.points).all()
     assert d.points_of(d.point_indices[::-1]).tolist() == list(range(len(d.points)))[::-1]
@@ -344,7 +394,7 @@ def test_png_gallery_and_standalone_page(demo, tmp_path):
     summary = gallery.summarize_hookpoints(data)
     assert summary["latents"].tolist() == [d.num_latents for d in data]
 
-    page = gallery.write_html(data, tmp_path / "browser" / "latents.html", top_n=4)
+    page = browse.page.write_html(data, tmp_path / "browser" / "latents.html", top_n=4)
     text = page.read_text()
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", text), "the page must not load anything remote"
     assert "Content-Security-Policy" in text and "default-src 'none'" in text
@@ -357,7 +407,7 @@ def test_png_gallery_and_standalone_page(demo, tmp_path):
         assert h["spatial"] == d.spatial and (h["maps"] is not None) == d.spatial
         ptr = np.frombuffer(base64.b64decode(h["firing_ptr"]), "<i4")
         assert ptr[-1] == sum(min(len(d.firing_images(m)[0]), 1000) for m in range(d.num_latents))
-    assert gallery.write_static_browser(tmp_path / "nothing") is None
+    assert browse.page.write_static_browser(tmp_path / "nothing") is None
 
 
 def test_row_dataset_must_be_the_one_its_store_was_extracted_from(demo):
@@ -367,4 +417,4 @@ def test_row_dataset_must_be_the_one_its_store_was_extracted_from(demo):
     assert row["dataset"] == "animal-mnist"
     with pytest.raises(BrowserError, match="dataset 'digits' is not the one its store .* extracted from "
                                            "\\('animal-mnist'\\)"):
-        widgets.load_hookpoint({**row, "dataset": "digits"}, progress=False)
+        browse.load_hookpoint({**row, "dataset": "digits"}, progress=False)

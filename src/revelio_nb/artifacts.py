@@ -14,8 +14,7 @@ k-SAE                  the training store's key + block + timestep + SAE archite
 latent statistics      the SAE (its folder) + the evaluation store's key + ``top_n``          :func:`latents_dir`
 prompt latents         model identity + prompts + sampling config (not ``h_condition``: one   :func:`prompt_latents_dir`
                        run serves both) + whether images are kept
-browser caches         2-D embedding: method, seed, t-SNE subset size, store key, block, t;   ``embedding_cache_key``,
-                       firing index: the SAE weights file, store key, block, t                ``firing_cache_key``
+browser's 2-D view     method, seed, t-SNE subset size, store key, block, t                   ``embedding_cache_key``
 embedded models        :meth:`revelio_nb.models.EmbeddedSpec.identity` (training recipe)      ``models.embedded_folder``
 =====================  =====================================================================  ======================
 
@@ -48,7 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover - types only
     from .features import ExtractionConfig, FeatureStore
     from .models import DiffusionModel
 
-FORMATS = {"store": 2, "sae": 2, "latents": 2, "prompt_latents": 4, "embedding": 2, "firing": 2}
+FORMATS = {"store": 2, "sae": 2, "latents": 3, "prompt_latents": 4, "embedding": 2}
 """Version of each artefact's key: bump one when its producing code changes the numbers."""
 
 KEY_LENGTH = 12
@@ -258,12 +257,3 @@ def embedding_cache_key(store: "FeatureStore", block: str, t: int, method: str, 
     return key_of({"v": FORMATS["embedding"], "method": method, "seed": int(seed),
                    "max_points": int(max_points) if method == "tsne" else None, "store": key_of_store(store),
                    "block": block, "t": int(t)})
-
-
-def firing_cache_key(sae_folder: str | os.PathLike, store: "FeatureStore", block: str, t: int) -> str:
-    """The browser's firing index of an SAE on ``store``: the SAE weights file (path, size, modification time)
-    and the store's key."""
-    st = Path(sae_folder) / "sae.safetensors"
-    stat = st.stat()
-    return key_of({"v": FORMATS["firing"], "sae": str(st.resolve()), "size": stat.st_size,
-                   "mtime": stat.st_mtime_ns, "store": key_of_store(store), "block": block, "t": int(t)})

@@ -3,10 +3,9 @@
 Each step is cached: the feature stores by :mod:`revelio_nb.features`, the SAE folder (sparsify layout) by a hash
 of the training store's key and the SAE config, and the latent statistics beside the SAE (keys and folders:
 :mod:`revelio_nb.artifacts`). The run's index,
-``<run_dir>/sae/hookpoints.csv``, is what the latent browser (:mod:`revelio_nb.widgets`) reads.
-
-Columns of ``hookpoints.csv``: hookpoint, model, block, t, pooling, sae_dir, latents_dir, store_dir,
-embedding_store_dir, dataset, split, fvu, l0, dead_fraction, mean_purity, num_latents, k, taxonomy_path (the
+``<run_dir>/sae/hookpoints.csv`` (:class:`revelio_nb.run_index.HookpointIndex`: its columns, locked writes, validated
+reads), is what the latent browser (:mod:`revelio_nb.browse`) reads. Each row of :func:`train_hookpoint` holds the
+index's columns, the metrics fvu, l0, dead_fraction, mean_purity, num_latents, k, n_eval_tokens, taxonomy_path (the
 taxonomy table, empty when not computed) and the kind counts n_class, n_mixed, n_attribute, n_unexplained, n_dead.
 
 The latent taxonomy (:mod:`revelio_nb.taxonomy`: each latent's kind on the eval split) is cached beside the latent
@@ -25,13 +24,10 @@ import pandas as pd
 from . import artifacts, features, latents, sae
 from .data import ImageDataset, load_dataset
 from .models import DiffusionModel, load_model
-from .paths import atomic_path, file_lock, results_dir
+from .run_index import HookpointIndex
 
 if TYPE_CHECKING:  # pragma: no cover - types only
     from .taxonomy import TaxonomyConfig
-
-INDEX_COLUMNS = ["hookpoint", "model", "block", "t", "pooling", "sae_dir", "latents_dir", "store_dir",
-                 "embedding_store_dir", "dataset", "split"]
 
 
 @dataclass
@@ -153,21 +149,9 @@ def train_hookpoints(run: HookpointRun, hookpoints: list[tuple[str, int]], progr
 
 
 def write_index(run_dir, rows: list[dict]) -> pd.DataFrame:
-    """Merge rows into ``<run_dir>/sae/hookpoints.csv`` (same hookpoint label: replaced) and return the table.
-
-    Safe with concurrent writers: the read-modify-write holds an exclusive file lock, and the file is replaced
-    atomically (readers never see half of it).
-    """
-    path = results_dir(run_dir) / "sae" / "hookpoints.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = pd.DataFrame([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows])
-    with file_lock(path):
-        if path.is_file():
-            old = pd.read_csv(path)
-            new = pd.concat([old[~old.hookpoint.isin(new.hookpoint)], new], ignore_index=True)
-        with atomic_path(path) as tmp:
-            new.to_csv(tmp, index=False)
-    return new
+    """Merge rows into ``<run_dir>/sae/hookpoints.csv`` (:meth:`HookpointIndex.write`: same hookpoint label
+    replaced, under a file lock, atomically) and return the table."""
+    return HookpointIndex(run_dir).write(rows)
 
 
 def firing_table(rows: list[dict]) -> pd.DataFrame:

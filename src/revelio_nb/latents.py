@@ -8,7 +8,8 @@ activation map of each top image.
 An image's score for a latent is its activation (pooled) or its maximum over positions (spatial); images where
 the latent does not fire score 0. Only the non-zero (image, latent, score) entries are kept, never a dense
 [images, latents] matrix. Results are tables on disk (CSV + ``.npz``/``.npy``, no pickle) so browsing never
-recomputes; ``meta.json``, written last, commits them (sizes and SHA-256 of the parts), so an interrupted save is
+recomputes (``firing.npz``: every image each latent fires on, best first, what the latent browser's dataset view
+draws, so it never encodes the store again); ``meta.json``, written last, commits them (sizes and SHA-256 of the parts), so an interrupted save is
 never mistaken for finished statistics.
 """
 
@@ -96,6 +97,27 @@ class ImageScores:
 
 
 @dataclass
+class FiringLists:
+    """Every image where each latent fires, best first, in dataset indices (CSR layout): latent ``m`` fires on
+    ``images[ptr[m]:ptr[m + 1]]`` with scores ``scores[...]`` (> 0, descending; ties in image order).
+
+    The :class:`ImageScores` of the latent-statistics pass with its image positions mapped to dataset indices
+    (``image_index``), kept on disk as the ``firing.npz`` part of the statistics."""
+
+    ptr: np.ndarray
+    """[M + 1] int64."""
+    images: np.ndarray
+    """[nnz] int64 dataset indices."""
+    scores: np.ndarray
+    """[nnz] float32."""
+
+    def of(self, latent: int) -> tuple[np.ndarray, np.ndarray]:
+        """Dataset indices and scores of every image where ``latent`` fires, best first."""
+        a, b = self.ptr[latent], self.ptr[latent + 1]
+        return self.images[a:b], self.scores[a:b]
+
+
+@dataclass
 class LatentStats:
     """Per-latent tables. Arrays are indexed [latent, rank]; missing ranks have row -1 and value 0."""
 
@@ -115,6 +137,8 @@ class LatentStats:
     meta: dict[str, Any] = field(default_factory=dict)
     scores: ImageScores | None = None
     """Every non-zero image score (``latent_stats(..., keep_scores=True)``); not part of :meth:`save`."""
+    firing: FiringLists | None = None
+    """Every image each latent fires on (always computed by :func:`latent_stats`; saved as ``firing.npz``)."""
 
     @property
     def num_latents(self) -> int:
@@ -131,8 +155,8 @@ class LatentStats:
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write the parts, then commit them: ``latents.csv``, ``top.npz`` (rows, values, images, labels, label
-        counts), ``maps.npy`` (spatial), each written atomically, then ``meta.json`` (the stats' meta and the size
-        and SHA-256 of every part), the one commit marker. A kill at any moment leaves either the committed new
+        counts), ``maps.npy`` (spatial), ``firing.npz`` (the firing lists), each written atomically, then
+        ``meta.json`` (the stats' meta and the size and SHA-256 of every part), the one commit marker. A kill at any moment leaves either the committed new
         statistics or an uncommitted folder that :meth:`load` refuses and :func:`is_committed` reports as not
         computed (the marker is removed before the first part is written).
         """
@@ -152,6 +176,12 @@ class LatentStats:
             parts["maps.npy"] = _atomic_write(folder / "maps.npy", lambda f: np.save(f, maps, allow_pickle=False))
         else:
             (folder / "maps.npy").unlink(missing_ok=True)
+        if self.firing is not None:
+            fire = self.firing
+            parts["firing.npz"] = _atomic_write(folder / "firing.npz", lambda f: np.savez(
+                f, ptr=fire.ptr, images=fire.images, scores=fire.scores))
+        else:
+            (folder / "firing.npz").unlink(missing_ok=True)
         record = {"format": STATS_FORMAT, "version": STATS_VERSION, "meta": self.meta, "parts": parts}
         text = json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
         _atomic_write(folder / MARKER, lambda f: f.write(text.encode()))
@@ -170,9 +200,12 @@ class LatentStats:
         try:
             with np.load(folder / "top.npz", allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
-            maps = None
+            maps = firing = None
             if "maps.npy" in record["parts"]:
                 maps = np.load(folder / "maps.npy", mmap_mode="r" if mmap_maps else None, allow_pickle=False)
+            if "firing.npz" in record["parts"]:
+                with np.load(folder / "firing.npz", allow_pickle=False) as z:
+                    firing = FiringLists(ptr=z["ptr"], images=z["images"], scores=z["scores"])
             table = pd.read_csv(folder / "latents.csv")
         except (OSError, ValueError, pd.errors.EmptyDataError, pd.errors.ParserError) as e:
             raise LatentStatsError(f"latent statistics in {folder} are unreadable: {e}") from e
@@ -181,15 +214,16 @@ class LatentStats:
             raise LatentStatsError(f"{folder / 'top.npz'} lacks the arrays {missing}")
         return cls(table=table, top_rows=arrays["top_rows"], top_values=arrays["top_values"],
                    top_images=arrays["top_images"], top_labels=arrays.get("top_labels"),
-                   label_counts=arrays.get("label_counts"), maps=maps, meta=dict(record.get("meta") or {}))
+                   label_counts=arrays.get("label_counts"), maps=maps, meta=dict(record.get("meta") or {}),
+                   firing=firing)
 
 
 # -------------------------------------------------------------------------------------------- commit record
 MARKER = "meta.json"
 """The commit marker of a statistics folder, written last (see :meth:`LatentStats.save`)."""
 STATS_FORMAT = "revelio-latent-stats"
-STATS_VERSION = 2
-_PARTS = ("latents.csv", "top.npz", "maps.npy")
+STATS_VERSION = 3  # 3: the firing lists (firing.npz)
+_PARTS = ("latents.csv", "top.npz", "maps.npy", "firing.npz")
 
 
 class LatentStatsError(ValueError):
@@ -239,7 +273,7 @@ def check_committed(folder: str | os.PathLike, verify: bool = True) -> dict[str,
     need = [p for p in ("latents.csv", "top.npz") if p not in parts]
     if need or set(parts) - set(_PARTS):
         raise LatentStatsError(f"{marker} lists the parts {sorted(parts)}; expected latents.csv, top.npz "
-                               f"(and maps.npy)")
+                               f"(and maps.npy, firing.npz)")
     for name, want in parts.items():
         path = folder / name
         if not path.is_file():
@@ -428,6 +462,9 @@ def latent_stats(model: SparseAutoencoder, source, labels=None, *, top_n: int = 
     bytes each), they are spilled to a temporary folder (in ``spill_dir``, default the system's) and processed one
     range of latents at a time (about 130 bytes of RAM per entry of a range).
 
+    The firing lists (``stats.firing``, :class:`FiringLists`: every non-zero image score by latent, 12 bytes per
+    entry, saved as ``firing.npz``) are always returned: the latent browser's dataset view reads them.
+
     ``keep_scores``: also return every non-zero image score (:class:`ImageScores`, ``stats.scores``; 12 bytes per
     entry kept in memory), for analyses such as :mod:`revelio_nb.taxonomy` without a second pass over the SAE.
     """
@@ -500,8 +537,7 @@ def _latent_stats(model, source: ArraySource, labels, img_labels, n_cls: int, en
         top_rows[lat_s[keep], rank[keep]] = source.rows[img_s[keep]]
         top_values[lat_s[keep], rank[keep]] = val_s[keep]
         kept.append((lat_s[keep], rank[keep], img_s[keep]))
-        if keep_scores:
-            score_parts.append((img_s.astype(np.int64), val_s.astype(np.float32)))
+        score_parts.append((img_s.astype(np.int64), val_s.astype(np.float32)))
         if labels is not None:
             auc[lo:hi] = auroc_from_entries(lat_e, val_e, img_labels[img_e], img_labels, hi - lo, n_cls)
         del lat_e, img_e, val_e, order, lat_s, img_s, val_s, rank, keep  # before the next range is read
@@ -548,13 +584,15 @@ def _latent_stats(model, source: ArraySource, labels, img_labels, n_cls: int, en
                              "lower top_n, raise max_map_bytes or pass maps=False")
         maps_arr = _position_maps(model, source, lat_k, rank_k, img_k, top_n, batch_size)
         maps_arr = maps_arr.reshape(m, top_n, h, w)
-    scores = None
-    if keep_scores:
-        scores = ImageScores(indptr=np.r_[0, np.cumsum(img_count)].astype(np.int64),
+    all_scores = ImageScores(indptr=np.r_[0, np.cumsum(img_count)].astype(np.int64),
                              images=np.concatenate([p[0] for p in score_parts]),
                              values=np.concatenate([p[1] for p in score_parts]), n_images=n_img)
+    rows = source.rows[all_scores.images]
+    firing = FiringLists(ptr=all_scores.indptr, images=rows if index is None else index[rows],
+                         scores=all_scores.values)
     return LatentStats(table=table, top_rows=top_rows, top_values=top_values, top_images=top_images,
-                       top_labels=top_labels, label_counts=label_counts, maps=maps_arr, meta=meta, scores=scores)
+                       top_labels=top_labels, label_counts=label_counts, maps=maps_arr, meta=meta,
+                       scores=all_scores if keep_scores else None, firing=firing)
 
 
 def image_scores(model: SparseAutoencoder, source, batch_size: int = 8192, progress: bool = False,
