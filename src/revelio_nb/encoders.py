@@ -44,9 +44,10 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .data import ImageDataset, load_dataset
-from .features import (PRECISIONS, STORE_DTYPES, FeatureStore, StoreMismatchError, _MicroBatch, _sha,
-                       _write_manifest, _writing, allocate_store, array_key, open_for_writing, resolve_device,
-                       stratified_subset)
+from .features.extract import PRECISIONS, resolve_device, stratified_subset
+from .features.microbatch import MicroBatch
+from .features.store import (STORE_DTYPES, FeatureStore, StoreMismatchError, allocate_store, array_key, chunk_sha,
+                             open_for_writing, write_manifest, writing)
 from .paths import cache_dir, config_hash
 
 NO_TIMESTEP = -1  # the pseudo-timestep of encoder arrays (an encoder sees clean images once)
@@ -628,12 +629,12 @@ def extract_encoder_features(cfg: EncoderExtractionConfig, encoder: VisionEncode
         return store
 
     def open_arrays() -> dict[str, np.memmap]:
-        with _writing(path, "the feature arrays"):
+        with writing(path, "the feature arrays"):
             return {k: np.load(path / m["file"], mmap_mode="r+") for k, m in store.manifest["arrays"].items()}
 
     open_arrays()  # fail early when the folder is not writable
     todo = [c for c in range(store.manifest["n_chunks"]) if c not in store.done_chunks()]
-    micro = _MicroBatch(store.manifest["chunk_size"])
+    micro = MicroBatch(store.manifest["chunk_size"])
     autocast_dtype = PRECISIONS[cfg.precision]
     bar = tqdm(total=sum(store.chunk_rows(c).stop - store.chunk_rows(c).start for c in todo),
                desc=f"encode {encoder.name} {cfg.split}", unit="img", disable=not progress)
@@ -647,13 +648,13 @@ def extract_encoder_features(cfg: EncoderExtractionConfig, encoder: VisionEncode
 
         parts = micro.run(forward, len(x), "encoder pass")
         arrays, sums = open_arrays(), {}
-        with _writing(path, f"chunk {c}"):
+        with writing(path, f"chunk {c}"):
             for b in cfg.blocks:
                 key = array_key(b, NO_TIMESTEP)
                 f = parts[0][b] if len(parts) == 1 else torch.cat([p[b] for p in parts])
                 arrays[key][rows] = f.numpy().astype(cfg.store_dtype)
                 arrays[key].flush()
-                sums[key] = _sha(arrays[key][rows])
+                sums[key] = chunk_sha(arrays[key][rows])
         del arrays
         rec.record(c, sums)
         bar.update(len(x))
@@ -661,7 +662,7 @@ def extract_encoder_features(cfg: EncoderExtractionConfig, encoder: VisionEncode
     if len(store.done_chunks()) == store.manifest["n_chunks"]:
         store.manifest["status"] = "complete"
         store.manifest["completed"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        _write_manifest(store)
+        write_manifest(store)
     return FeatureStore(path, store.manifest)
 
 
