@@ -19,7 +19,6 @@ import pandas as pd
 
 from ..data import ImageDataset, load_dataset
 from ..encoders import BASE_BLOCKS, VisionEncoder, load_encoder
-from ..encoders import encoder_runs as _encoder_runs
 from ..features import ExtractionConfig
 from ..models import DiffusionModel
 from . import sweep as probe_sweep
@@ -29,6 +28,7 @@ from .data import ProbeError
 from .diffc import DiffCConfig
 from .plots import sweep_heatmap
 from .sweep import best_cells, extract_splits, main_blocks, probe_cells
+from .vision import encoder_runs as _encoder_runs
 
 TABLE_KEYS = PROBE_KEYS  # one row of the summary table
 
@@ -100,7 +100,7 @@ def probe_runs(model: DiffusionModel, dataset: str | ImageDataset, sweep: pd.Dat
 
 def encoder_runs(encoders: Sequence[str | VisionEncoder], datasets: Sequence[str | ImageDataset],
                  cfg: TransferConfig, progress: bool = True) -> pd.DataFrame:
-    """Every encoder's rows (:func:`revelio_nb.encoders.encoder_runs`) on every dataset, with the notebook's sizes
+    """Every encoder's rows (:func:`revelio_nb.probes.vision.encoder_runs`) on every dataset, with the notebook's sizes
     (same ``max_images`` subsets and Diff-C recipe as the diffusion rows). Empty when no encoder is given."""
     if not encoders:
         return pd.DataFrame(columns=[*TABLE_KEYS, "seed", "val_acc", "test_acc", "n_train", "n_test"])
