@@ -28,16 +28,21 @@ import shutil
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 
 from ..paths import atomic_write_json
 
-if TYPE_CHECKING:
-    from .extract import ExtractionConfig
 
 STORE_DTYPES = ("float32", "float16")
+
+
+class StoreConfig(Protocol):
+    """What a store is checked against: a config with the fields that decide its content
+    (:class:`revelio_nb.features.ExtractionConfig`, :class:`revelio_nb.encoders.EncoderExtractionConfig`)."""
+
+    def identity(self) -> dict[str, Any]: ...
 
 
 class StoreMismatchError(ValueError):
@@ -101,7 +106,7 @@ class FeatureStore:
     def open(
         cls,
         path: str | os.PathLike,
-        expect: ExtractionConfig | dict[str, Any] | None = None,
+        expect: StoreConfig | dict[str, Any] | None = None,
         weights_hash: str | None = None,
         allow_incomplete: bool = False,
     ) -> "FeatureStore":
@@ -117,10 +122,10 @@ class FeatureStore:
             raise StoreIncompleteError(f"store {path} is incomplete ({done}/{total} chunks): rerun the extraction to resume")
         return store
 
-    def check(self, expect: ExtractionConfig | dict[str, Any] | None = None, weights_hash: str | None = None) -> None:
+    def check(self, expect: StoreConfig | dict[str, Any] | None = None, weights_hash: str | None = None) -> None:
         diffs = []
         if expect is not None:
-            want = expect.identity() if hasattr(expect, "identity") else dict(expect)  # an ExtractionConfig
+            want = expect.identity() if hasattr(expect, "identity") else dict(expect)
             have = self.manifest.get("config", {})
             diffs += [f"{k}: store has {have.get(k)!r}, asked for {v!r}" for k, v in want.items()
                       if k in have and _norm(have.get(k)) != _norm(v)]
@@ -326,7 +331,7 @@ def _check_files(store: FeatureStore) -> bool:
 
 def open_for_writing(
     path: Path,
-    expect: ExtractionConfig | dict[str, Any],
+    expect: StoreConfig | dict[str, Any],
     weights_hash: str,
     create: Callable[[], FeatureStore],
     writer: str = "main",
