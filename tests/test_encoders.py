@@ -14,7 +14,7 @@ import torch
 from revelio_nb import artifacts
 from revelio_nb import encoders as E
 from revelio_nb.features import FeatureStore, StoreMismatchError, stratified_subset
-from revelio_nb.probes import DiffCConfig, probe_data
+from revelio_nb.probes import DiffCConfig, encoder_runs, probe_data
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +109,8 @@ def test_a_whole_clip_checkpoint_loads_its_vision_tower(tmp_path):
 
 
 def test_probes_run_on_encoder_features(tiny, digits):
-    df = E.encoder_runs(tiny["dinov2"], digits, seeds=(0, 1), max_images=120,
-                        diffc=DiffCConfig(width=8, max_epochs=2), progress=False)
+    df = encoder_runs(tiny["dinov2"], digits, seeds=(0, 1), max_images=120,
+                      diffc=DiffCConfig(width=8, max_epochs=2), progress=False)
     assert df.groupby(["block", "method"]).size().to_dict() == {("cls", "linear"): 1, ("mean", "linear"): 1,
                                                                 ("patch", "diffc"): 2}
     assert set(df["features"]) == {"encoder: dinov2"} and set(df["dataset"]) == {"digits"}

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 
-from revelio_nb import features as F
+from revelio_nb.features import microbatch, store as S
 from revelio_nb.data import load_dataset
 from revelio_nb.features import ExtractionConfig, FeatureStore, StoreIncompleteError, StoreWriteError, extract_features
 from revelio_nb.models import load_model
@@ -307,7 +307,7 @@ def test_complete_status_without_chunk_records_is_not_trusted(env, tmp_path, mon
 
 def test_full_disk_at_creation_is_a_clear_error_before_writing(env, tmp_path, monkeypatch):
     real = shutil.disk_usage
-    monkeypatch.setattr(F.shutil, "disk_usage", lambda p: real(p)._replace(free=10_000))
+    monkeypatch.setattr(S.shutil, "disk_usage", lambda p: real(p)._replace(free=10_000))
     with pytest.raises(StoreWriteError, match=r"cannot create the feature store at .*store: it needs .* MiB and only "
                                               r"0\.0 MiB are free") as e:
         extract_features(env["cfg"], env["model"], env["ds"], out_dir=tmp_path / "store", progress=False)
@@ -317,7 +317,7 @@ def test_full_disk_at_creation_is_a_clear_error_before_writing(env, tmp_path, mo
 
 def test_full_disk_midway_keeps_finished_chunks_then_resumes(env, tmp_path, monkeypatch):
     path = tmp_path / "store"
-    real = F.atomic_write_json
+    real = S.atomic_write_json
     calls = {"n": 0}
 
     def full_disk_after_three_records(file, obj):
@@ -327,10 +327,10 @@ def test_full_disk_midway_keeps_finished_chunks_then_resumes(env, tmp_path, monk
                 raise OSError(errno.ENOSPC, "No space left on device")
         return real(file, obj)
 
-    monkeypatch.setattr(F, "atomic_write_json", full_disk_after_three_records)
+    monkeypatch.setattr(S, "atomic_write_json", full_disk_after_three_records)
     with pytest.raises(StoreWriteError, match=r"cannot write a progress record at .*main\.json: the disk is full"):
         extract_features(env["cfg"], env["model"], env["ds"], out_dir=path, progress=False)
-    monkeypatch.setattr(F, "atomic_write_json", real)
+    monkeypatch.setattr(S, "atomic_write_json", real)
 
     partial = FeatureStore.open(path, allow_incomplete=True)
     assert partial.done_chunks() == {0, 1, 2} and partial.verify() == []
@@ -357,7 +357,7 @@ def test_read_only_folder_error_keeps_finished_chunks(env, tmp_path, monkeypatch
     path = tmp_path / "store"
     extract_features(env["cfg"], env["model"], env["ds"], out_dir=path, chunks=[0, 1], progress=False)
     before = {f.name: f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
-    real_load, real_json = np.load, F.atomic_write_json
+    real_load, real_json = np.load, S.atomic_write_json
 
     def load(file, mmap_mode=None, **kw):
         if mmap_mode == "r+":
@@ -367,8 +367,8 @@ def test_read_only_folder_error_keeps_finished_chunks(env, tmp_path, monkeypatch
     def no_write(file, obj):
         raise OSError(errno.EROFS, "Read-only file system", str(file))
 
-    monkeypatch.setattr(F.np, "load", load)
-    monkeypatch.setattr(F, "atomic_write_json", no_write)
+    monkeypatch.setattr(S.np, "load", load)
+    monkeypatch.setattr(S, "atomic_write_json", no_write)
     with pytest.raises(StoreWriteError, match=r"cannot write the feature arrays at .*store: the file system is "
                                               r"read-only .*rerun to resume"):
         extract_features(env["cfg"], env["model"], env["ds"], out_dir=path, progress=False)
@@ -424,5 +424,5 @@ def test_oom_at_one_image_and_other_errors_are_raised(env, tmp_path, monkeypatch
     with pytest.raises(ValueError, match="CUDA out of memory"):  # not a torch OOM: no retry
         extract_features(env["cfg"], env["model"], env["ds"], out_dir=tmp_path / "b", progress=False)
     assert passes.batches == [8]
-    assert F._is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9e12 bytes"))
-    assert not F._is_oom(RuntimeError("shape mismatch"))
+    assert microbatch.is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9e12 bytes"))
+    assert not microbatch.is_oom(RuntimeError("shape mismatch"))

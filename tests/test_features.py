@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from revelio_nb import features as F
+from revelio_nb.features import store as S
 from revelio_nb.models import load_model
 
 
@@ -70,7 +71,7 @@ class Boom(RuntimeError):
 def test_resume_after_crash_is_identical(unet, animals, tiny_unet_path, tmp_path, monkeypatch):
     ref = F.extract_features(cfg(tiny_unet_path), model=unet, dataset=animals, out_dir=tmp_path / "ref", progress=False)
     calls = {"n": 0}
-    real = F._Writer.record
+    real = S._Writer.record
 
     def crash_after_two(self, chunk, sums):
         if calls["n"] == 2:
@@ -78,10 +79,10 @@ def test_resume_after_crash_is_identical(unet, animals, tiny_unet_path, tmp_path
         calls["n"] += 1
         real(self, chunk, sums)
 
-    monkeypatch.setattr(F._Writer, "record", crash_after_two)
+    monkeypatch.setattr(S._Writer, "record", crash_after_two)
     with pytest.raises(Boom):
         F.extract_features(cfg(tiny_unet_path), model=unet, dataset=animals, out_dir=tmp_path / "x", progress=False)
-    monkeypatch.setattr(F._Writer, "record", real)
+    monkeypatch.setattr(S._Writer, "record", real)
     with pytest.raises(F.StoreIncompleteError, match="2/3 chunks"):
         F.FeatureStore.open(tmp_path / "x")
     done_before = F.FeatureStore.open(tmp_path / "x", allow_incomplete=True).done_chunks()

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from revelio_nb import probes
+from revelio_nb import probes, report
+from revelio_nb.probes import compare
 from revelio_nb.probes import (DiffC, DiffCConfig, LinearProbeConfig, ProbeData, ProbeError, best_cells,
                                fit_linear_probe, summarize, train_diffc)
 
@@ -168,14 +169,14 @@ def test_summarize_mean_std():
 def test_results_markdown(tmp_path):
     (tmp_path / "tables").mkdir()
     with pytest.raises(FileNotFoundError, match="notebooks 04/05"):
-        probes.results_markdown(tmp_path)
+        report.results_markdown(tmp_path)
     pd.DataFrame([{"features": "animals-unet", "method": "diffc", "block": "up_blocks.1", "t": 25, "val_acc": 0.9,
                    "test": "93.0 ± 0.2", "n_seeds": 3},
                   {"features": "animals-unet", "method": "diffc", "block": "mid_block", "t": 25, "val_acc": 0.8,
                    "test": "99.0 ± 0.2", "n_seeds": 3},  # better on test, worse on val: must not be reported
                   {"features": "pixels", "method": "pixels (logistic)", "block": "pixels", "t": -1, "val_acc": 0.8,
                    "test": "80.0 ± 0.0", "n_seeds": 1}]).to_csv(tmp_path / "tables" / "probe_summary.csv", index=False)
-    md = probes.results_markdown(tmp_path)
+    md = report.results_markdown(tmp_path)
     assert "| animals-unet | diffc | up_blocks.1 @ 25 | 93.0 ± 0.2 | 3 |" in md
     assert "99.0" not in md
     assert "| pixels | pixels (logistic) | - |" in md
@@ -253,7 +254,7 @@ def test_pixel_probe_data_uses_dataset_splits():
 def test_compare_models_on_random_models(cache, monkeypatch, tmp_path):
     calls = []
     real = probes.probe_cells
-    monkeypatch.setattr(probes, "probe_cells", lambda *a, **k: calls.append(a[0].model_id) or real(*a, **k))
+    monkeypatch.setattr(compare, "probe_cells", lambda *a, **k: calls.append(a[0].model_id) or real(*a, **k))
     E = probes.ComparisonEntry
     entries = [E("architecture", "UNet", "random:animals-unet"), E("architecture", "DiT", "random:animals-dit"),
                E("conditioning", "uncond", "random:animals-unet")]  # same model + data: computed once
@@ -271,7 +272,7 @@ def test_compare_models_on_random_models(cache, monkeypatch, tmp_path):
     assert list(summary["label"]) == ["UNet", "DiT", "uncond"] and summary["train_steps"].eq(0).all()
     (tmp_path / "tables").mkdir()
     summary.to_csv(tmp_path / "tables" / "comparison_summary.csv", index=False)
-    assert "| architecture | DiT | 0 | animal-mnist | transformer_blocks." in probes.results_markdown(tmp_path)
+    assert "| architecture | DiT | 0 | animal-mnist | transformer_blocks." in report.results_markdown(tmp_path)
 
 
 def test_unconditional_dit_neutral_label_is_the_trained_one():

@@ -9,7 +9,8 @@ matplotlib.use("Agg")
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from revelio_nb import probes, transfer  # noqa: E402
+from revelio_nb import probes, report  # noqa: E402
+from revelio_nb.probes import transfer  # noqa: E402
 from revelio_nb.encoders import save_tiny_random  # noqa: E402
 from revelio_nb.models import load_model  # noqa: E402
 
@@ -43,7 +44,7 @@ def test_transfer_study_over_a_list_of_datasets(tiny_unet_path, tmp_path):
     # the README table: one section over every dataset, encoder cells without a timestep
     (tmp_path / "run" / "tables").mkdir(parents=True)
     summary.to_csv(tmp_path / "run" / "tables" / "probe_summary.csv", index=False)
-    md = probes.results_markdown(tmp_path / "run")
+    md = report.results_markdown(tmp_path / "run")
     assert md.startswith("| dataset | features | probe | block @ t | test accuracy (%) | seeds |\n"
                          "|---|---|---|---|---|---|")
     for n in datasets:
@@ -76,7 +77,7 @@ def test_comparison_summary_keeps_each_probed_dataset_apart(tmp_path):
     assert summary.set_index(["dataset", "label"]).loc[("digits", "UNet"), "linear"] == "80.0 ± 0.0"
     (tmp_path / "tables").mkdir()
     summary.to_csv(tmp_path / "tables" / "comparison_summary.csv", index=False)
-    md = probes.results_markdown(tmp_path)
+    md = report.results_markdown(tmp_path)
     assert "| architecture | UNet | 250 | digits | mid_block @ 25 | 80.0 ± 0.0 | 80.5 ± 0.7 |" in md
     fig = probes.comparison_barplot(_comparison_runs(), "architecture")
     assert {t.get_text() for t in fig.axes[0].get_xticklabels()} == {

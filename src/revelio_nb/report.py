@@ -4,7 +4,7 @@
     python -m revelio_nb.report --run default --readme README.md   # replace the README's results section
 
 Sources: ``tables/probe_summary.csv`` and ``comparison_summary.csv`` (notebooks 04 / 05, via
-:func:`revelio_nb.probes.results_markdown`), ``06_summary.csv`` and ``06_retrieval.csv`` (notebook 06), ``07_taxonomy_*.csv`` (notebook
+:func:`results_markdown`; table and column names from :mod:`revelio_nb.probes.columns`), ``06_summary.csv`` and ``06_retrieval.csv`` (notebook 06), ``07_taxonomy_*.csv`` (notebook
 07, via :func:`revelio_nb.taxonomy.finding_paragraph`) and ``timings.csv`` (runner).
 The README section sits between ``<!-- results:start -->`` and ``<!-- results:end -->``.
 """
@@ -18,7 +18,8 @@ from pathlib import Path
 import pandas as pd
 
 from .paths import atomic_write_text, results_dir
-from .probes import results_markdown
+from .probes import columns as C
+from .probes.summary import best_by_validation
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -46,6 +47,41 @@ def _with_ci(r: pd.Series, rho: str, low: str, high: str) -> str:
     if low in r and high in r and not (pd.isna(r[low]) or pd.isna(r[high])):
         return f"{_fmt(r[rho])} [{_fmt(r[low])}, {_fmt(r[high])}]"
     return _fmt(r[rho])
+
+
+def results_markdown(run_dir: str | Path) -> str:
+    """The README's short results table, built from ``<run_dir>/tables/probe_summary.csv`` (notebook 04; per
+    features and probe, the cell best on validation) and ``comparison_summary.csv`` (notebook 05)."""
+    tables = Path(run_dir) / "tables"
+    parts = []
+    p4 = tables / f"{C.PROBE_SUMMARY}.csv"
+    if p4.is_file():
+        df = best_by_validation(pd.read_csv(p4))
+        with_ds = C.DATASET in df.columns
+        if with_ds:  # dataset by dataset, in the order they first appear
+            order = {d: i for i, d in enumerate(dict.fromkeys(df[C.DATASET]))}
+            df = df.sort_values(C.DATASET, key=lambda c: c.map(order), kind="stable")
+        head = ("| dataset " if with_ds else "") + "| features | probe | block @ t | test accuracy (%) | seeds |"
+        lines = [head, "|---" * head.count(" | ") + "|---|"]
+        for _, r in df.iterrows():
+            block, t = r[C.BLOCK], int(r[C.T])
+            cell = "-" if block == "pixels" else (f"{block} @ {t}" if t >= 0 else str(block))
+            lines.append((f"| {r[C.DATASET]} " if with_ds else "")
+                         + f"| {r[C.FEATURES]} | {r[C.METHOD]} | {cell} | {r[C.TEST]} | {int(r[C.N_SEEDS])} |")
+        parts.append("\n".join(lines))
+    p5 = tables / f"{C.COMPARISON_SUMMARY}.csv"
+    if p5.is_file():
+        df = pd.read_csv(p5)
+        lines = ["| comparison | model | train steps | probed on | best block @ t | linear (%) | Diff-C (%) |",
+                 "|---|---|---|---|---|---|---|"]
+        for _, r in df.iterrows():
+            lines.append(f"| {r[C.COMPARISON]} | {r[C.LABEL]} | {int(r[C.TRAIN_STEPS])} | {r[C.DATASET]} "
+                         f"| {r[C.BLOCK]} @ {int(r[C.T])} | {r[C.LINEAR]} | {r[C.DIFFC]} |")
+        parts.append("\n".join(lines))
+    if not parts:
+        raise FileNotFoundError(f"no {C.PROBE_SUMMARY}.csv or {C.COMPARISON_SUMMARY}.csv in {tables}; "
+                                "run notebooks 04/05 first")
+    return "\n\n".join(parts) + "\n"
 
 
 def directions_markdown(run_dir: str | Path) -> str | None:

@@ -7,7 +7,7 @@ Per dataset: :func:`linear_sweep` (a linear probe for every block x timestep; th
 notebook 01's when the config matches, so they are read, not re-extracted), then :func:`probe_runs` (linear probe
 and Diff-C at the cells best on validation, the random-init control at the same cells, the pixel baselines) and
 :func:`encoder_runs` (linear probe on the encoders' pooled vectors, Diff-C on their patch grids). Every row carries
-a ``dataset`` column, so one table (``probes.summarize(..., by=TABLE_KEYS)``) holds every dataset.
+a ``dataset`` column, so one table (``probes.summarize(..., by=TABLE_KEYS)``; :mod:`.columns`) holds every dataset.
 """
 
 from __future__ import annotations
@@ -17,21 +17,27 @@ from typing import Sequence
 
 import pandas as pd
 
-from . import probes
-from .data import ImageDataset, load_dataset
-from .encoders import BASE_BLOCKS, VisionEncoder, load_encoder
-from .encoders import encoder_runs as _encoder_runs
-from .features import ExtractionConfig
-from .models import DiffusionModel
+from ..data import ImageDataset, load_dataset
+from ..encoders import BASE_BLOCKS, VisionEncoder, load_encoder
+from ..features import ExtractionConfig
+from ..models import DiffusionModel
+from . import sweep as probe_sweep
+from .baselines import baseline_runs
+from .columns import PROBE_KEYS
+from .data import ProbeError
+from .diffc import DiffCConfig
+from .plots import sweep_heatmap
+from .sweep import best_cells, extract_splits, main_blocks, probe_cells
+from .vision import encoder_runs as _encoder_runs
 
-TABLE_KEYS = ["dataset", "features", "method", "block", "t"]  # one row of the summary table
+TABLE_KEYS = PROBE_KEYS  # one row of the summary table
 
 
 @dataclass
 class TransferConfig:
     """Sizes and budgets of notebook 04 (its parameters cell, field by field)."""
 
-    blocks: list[str] | None = None  # None: the model's main blocks (probes.main_blocks)
+    blocks: list[str] | None = None  # None: the model's main blocks (main_blocks)
     timesteps: list[int] = field(default_factory=lambda: [0, 25, 50, 100, 250, 500, 750])
     sweep_max_images: int | None = None  # per-split cap of the sweep stores (None: whole splits = notebook 01's)
     sweep_max_train: int | None = 2000  # each sweep probe is fitted on a seeded stratified subset of the train rows
@@ -49,8 +55,8 @@ class TransferConfig:
     encoder_batch_size: int = 32
     encoder_precision: str = "fp32"  # "fp16" / "bf16" on a GPU
 
-    def diffc(self) -> probes.DiffCConfig:
-        return probes.DiffCConfig(max_epochs=self.diffc_max_epochs, max_map_size=self.diffc_max_map_size)
+    def diffc(self) -> DiffCConfig:
+        return DiffCConfig(max_epochs=self.diffc_max_epochs, max_map_size=self.diffc_max_map_size)
 
 
 def _dataset(dataset: str | ImageDataset) -> ImageDataset:
@@ -62,11 +68,11 @@ def linear_sweep(model: DiffusionModel, dataset: str | ImageDataset, cfg: Transf
     """A linear probe for every block x timestep of the model on one dataset (pooled features, ``C`` chosen on
     validation per cell); rows tagged ``features="diffusion (trained)"`` and ``dataset``."""
     ds = _dataset(dataset)
-    sweep_cfg = ExtractionConfig(model=model.model_id, dataset=ds.name, blocks=cfg.blocks or probes.main_blocks(model),
+    sweep_cfg = ExtractionConfig(model=model.model_id, dataset=ds.name, blocks=cfg.blocks or main_blocks(model),
                                  timesteps=list(cfg.timesteps), max_images=cfg.sweep_max_images,
                                  batch_size=cfg.batch_size, train_steps=cfg.train_steps)
-    stores = probes.extract_splits(sweep_cfg, model, ds, progress=progress)
-    return probes.linear_sweep(stores, max_train=cfg.sweep_max_train, progress=progress,
+    stores = extract_splits(sweep_cfg, model, ds, progress=progress)
+    return probe_sweep.linear_sweep(stores, max_train=cfg.sweep_max_train, progress=progress,
                                features="diffusion (trained)", dataset=ds.name)
 
 
@@ -77,24 +83,24 @@ def probe_runs(model: DiffusionModel, dataset: str | ImageDataset, sweep: pd.Dat
     and the supervised CNN. One tidy row per (features, cell, method, seed), tagged with ``dataset``."""
     ds = _dataset(dataset)
     if "dataset" in sweep.columns and set(sweep["dataset"]) != {ds.name}:
-        raise probes.ProbeError(f"the sweep is of dataset(s) {sorted(set(sweep['dataset']))}, not {ds.name!r}")
-    cells = probes.best_cells(sweep, cfg.top_k)
+        raise ProbeError(f"the sweep is of dataset(s) {sorted(set(sweep['dataset']))}, not {ds.name!r}")
+    cells = best_cells(sweep, cfg.top_k)
     final = ExtractionConfig(model=model.model_id, dataset=ds.name, max_images=cfg.max_images,
                              batch_size=cfg.batch_size, train_steps=cfg.train_steps, store_dtype=cfg.map_dtype)
     common = dict(seeds=cfg.seeds, diffc=cfg.diffc(), vary_noise=cfg.vary_noise, dataset=ds, progress=progress)
-    parts = [probes.probe_cells(model, final, cells, features="diffusion (trained)", **common)]
+    parts = [probe_cells(model, final, cells, features="diffusion (trained)", **common)]
     if random_model is not None:
         control = replace(final, model=random_model.model_id, train_steps=None)
-        parts.append(probes.probe_cells(random_model, control, cells, features="random init (same arch)", **common))
-    cnn = probes.DiffCConfig(max_epochs=cfg.cnn_max_epochs or cfg.diffc_max_epochs)
-    parts.append(probes.baseline_runs(ds, seeds=cfg.seeds, size=model.native_image_size, max_images=cfg.max_images,
+        parts.append(probe_cells(random_model, control, cells, features="random init (same arch)", **common))
+    cnn = DiffCConfig(max_epochs=cfg.cnn_max_epochs or cfg.diffc_max_epochs)
+    parts.append(baseline_runs(ds, seeds=cfg.seeds, size=model.native_image_size, max_images=cfg.max_images,
                                       cnn=cnn, progress=progress, features="pixels"))
     return pd.concat(parts, ignore_index=True).assign(dataset=ds.name)
 
 
 def encoder_runs(encoders: Sequence[str | VisionEncoder], datasets: Sequence[str | ImageDataset],
                  cfg: TransferConfig, progress: bool = True) -> pd.DataFrame:
-    """Every encoder's rows (:func:`revelio_nb.encoders.encoder_runs`) on every dataset, with the notebook's sizes
+    """Every encoder's rows (:func:`revelio_nb.probes.vision.encoder_runs`) on every dataset, with the notebook's sizes
     (same ``max_images`` subsets and Diff-C recipe as the diffusion rows). Empty when no encoder is given."""
     if not encoders:
         return pd.DataFrame(columns=[*TABLE_KEYS, "seed", "val_acc", "test_acc", "n_train", "n_test"])
@@ -119,7 +125,7 @@ def sweep_heatmaps(sweep: pd.DataFrame):
     for row, name in zip(axes, names):
         d = sweep if name is None else sweep[sweep["dataset"] == name]
         tag = "" if name is None else f"{name}: "
-        probes.sweep_heatmap(d, "val_acc", f"{tag}linear probe, validation accuracy (selection)", ax=row[0])
-        probes.sweep_heatmap(d, "test_acc", f"{tag}linear probe, test accuracy", ax=row[1])
+        sweep_heatmap(d, "val_acc", f"{tag}linear probe, validation accuracy (selection)", ax=row[0])
+        sweep_heatmap(d, "test_acc", f"{tag}linear probe, test accuracy", ax=row[1])
     fig.tight_layout()
     return fig
