@@ -30,6 +30,13 @@ def save_table(df: pd.DataFrame, run_dir: str | os.PathLike, name: str, index: b
     return path
 
 
+def save(run_dir: str | os.PathLike, name: str, table: pd.DataFrame | None = None, fig=None,
+         index: bool = False) -> list[Path]:
+    """Save a table (:func:`save_table`) and / or a figure (:func:`savefig`) under one name; return the paths."""
+    out = [] if table is None else [save_table(table, run_dir, name, index=index)]
+    return out + ([] if fig is None else [savefig(fig, run_dir, name)])
+
+
 def image_grid(
     images: np.ndarray,
     titles: Sequence[str] | None = None,
