@@ -288,7 +288,7 @@ def test_lcm_sampler_matches_diffusers_latent_consistency_pipeline(root):
 
 
 @pytest.mark.parametrize("name", TEXT_NAMES)
-def test_prompt_latents_and_steering_touch_the_image_stream_only(root, name):
+def test_prompt_h_and_steering_touch_the_image_stream_only(root, name):
     m = model_of(root, name)
     size = size_of(name)
     cfg = D.SampleConfig(n_seeds=2, steps=2, image_size=size, batch_size=4)  # block "mid_block" -> the h block

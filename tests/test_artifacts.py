@@ -177,7 +177,7 @@ def test_sae_resume_on_other_features_of_the_same_shape_is_refused(tmp_path):
 # ------------------------------------------------------------------------------------------ prompt latents, browser
 
 
-def test_prompt_latents_key_follows_the_model_identity(unet, other_scheduler):
+def test_prompt_h_key_follows_the_model_identity(unet, other_scheduler):
     cfg, prompts = SampleConfig(steps=4, n_seeds=2), ["a cat", "a dog"]
     folder = artifacts.prompt_h_dir(unet, prompts, cfg, False)
     assert folder.parent.name == "directions" and folder.name.startswith("latents-")

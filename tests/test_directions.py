@@ -53,7 +53,7 @@ def test_generate_matches_sampling_sample_with_and_without_cfg(sd_model):
         torch.testing.assert_close(ours[2:], ref, atol=1e-4, rtol=1e-4)
 
 
-def test_prompt_latents_on_tiny_sd_pipeline(sd_model, cache):
+def test_prompt_h_on_tiny_sd_pipeline(sd_model, cache):
     prompts = ["a cat", "a dog", "a red cat", "a red dog"]
     cfg = D.SampleConfig(n_seeds=2, steps=3, batch_size=4)
     lat = D.prompt_h(sd_model, prompts, cfg, keep_images=True, progress=False)

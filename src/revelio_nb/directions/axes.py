@@ -17,7 +17,6 @@ from .prompt_runs import PromptH
 from .word_maps import WordMap, unit
 
 
-
 def concept_direction(lat: PromptH, with_word: str | Sequence[str], without: str | Sequence[str],
                       form: str = "pooled", normalise: bool = True) -> np.ndarray:
     """h(with) - h(without), averaged over prompt pairs (e.g. "a drawing of a large cat" - "a drawing of a cat")."""
@@ -27,7 +26,6 @@ def concept_direction(lat: PromptH, with_word: str | Sequence[str], without: str
         raise ValueError(f"{len(a)} prompts with the word but {len(b)} without: pass pairs")
     d = (a - b).mean(0)
     return unit(d) if normalise else d
-
 
 
 def attribute_prompts(nouns: Sequence[str], attributes: Sequence[str] | None = None,
@@ -40,7 +38,6 @@ def attribute_prompts(nouns: Sequence[str], attributes: Sequence[str] | None = N
     return {"neutral": neutral, "pairs": pairs, "all": list(neutral.values()) + list(pairs.values())}
 
 
-
 def attribute_axis(lat: PromptH, nouns: Sequence[str], attribute: str, form: str = "pooled",
                    normalise: bool = True, template: str | None = None) -> np.ndarray:
     """Axis of an attribute from its word pair, averaged over nouns: mean_n [h(high, n) - h(low, n)]."""
@@ -49,7 +46,6 @@ def attribute_axis(lat: PromptH, nouns: Sequence[str], attribute: str, form: str
     high = [attribute_prompt(n, attribute, a.high, **kw) for n in nouns]
     low = [attribute_prompt(n, attribute, a.low, **kw) for n in nouns]
     return concept_direction(lat, high, low, form, normalise)
-
 
 
 def attribute_axes_by_step(lat: PromptH, nouns: Sequence[str], attribute: str, timesteps: Sequence[int],
@@ -68,13 +64,11 @@ def attribute_axes_by_step(lat: PromptH, nouns: Sequence[str], attribute: str, t
             for s in lat.capture_steps}
 
 
-
 def word_axis(word_map: "WordMap", attribute: str, method: str = "mean_diff") -> np.ndarray:
     """An attribute axis from the caption map: word vector of the high word minus that of the low word (unit);
     ``method``: "mean_diff", "ridge" or "whitened" (see :func:`fit_word_map`)."""
     a = ATTRIBUTES[attribute]
     return unit(word_map.word(a.high, method) - word_map.word(a.low, method))
-
 
 
 def mirror_axis(axis: np.ndarray, shape: Sequence[int], parity: int) -> np.ndarray:

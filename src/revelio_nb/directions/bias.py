@@ -27,7 +27,6 @@ SCORE_METHODS = ("axis", "pair")
 CENTRES = ("class", "global")
 
 
-
 def bias_scores(lat: PromptH, nouns: Sequence[str], attributes: Sequence[str] | None = None,
                 form: str = "pooled", method: str = "axis", centre: str = "global",
                 axes: dict[str, np.ndarray] | None = None, template: str | None = None) -> pd.DataFrame:
@@ -77,11 +76,9 @@ def bias_scores(lat: PromptH, nouns: Sequence[str], attributes: Sequence[str] | 
     return df
 
 
-
 def _neutral_indices(lat: PromptH, nouns: Sequence[str], template: str | None) -> np.ndarray:
     kw = {} if template is None else {"template": template}
     return lat.indices([neutral_prompt(n, **kw) for n in nouns])
-
 
 
 def _step_axes(lat: PromptH, word_maps: dict[int, "WordMap"], attributes: list[str], method: str) -> list:
@@ -93,7 +90,6 @@ def _step_axes(lat: PromptH, word_maps: dict[int, "WordMap"], attributes: list[s
     return [np.stack([word_axis(wm, a, method) for a in attributes]) for wm in word_maps.values()]
 
 
-
 def _pool(h: np.ndarray, lat: PromptH, form: str) -> np.ndarray:
     """Flat h (..., C*h*w) -> the requested form (pooled: mean over space)."""
     if form not in FORMS:
@@ -103,7 +99,6 @@ def _pool(h: np.ndarray, lat: PromptH, form: str) -> np.ndarray:
     if lat.shape is None:
         raise ValueError("pooled projections of flat h need the block's output shape (lat.shape)")
     return h.reshape(*h.shape[:-1], lat.shape[0], -1).mean(-1)
-
 
 
 def caption_axis_projections(lat: PromptH, word_maps: dict[int, "WordMap"], nouns: Sequence[str],
@@ -138,14 +133,12 @@ def caption_axis_projections(lat: PromptH, word_maps: dict[int, "WordMap"], noun
     return np.stack(out, axis=-2)
 
 
-
 def combine_steps(projections: np.ndarray) -> np.ndarray:
     """(..., nouns, steps, attributes) projections -> (..., nouns, attributes) scores: standardised across nouns
     for each (step, attribute), then averaged over the steps (so each step weighs the same whatever its scale)."""
     p = np.asarray(projections, dtype=np.float64)
     sd = p.std(-3, keepdims=True)
     return ((p - p.mean(-3, keepdims=True)) / np.where(sd > 0, sd, 1.0)).mean(-2)
-
 
 
 def scores_frame(scores: np.ndarray, nouns: Sequence[str], attributes: Sequence[str]) -> pd.DataFrame:
@@ -156,7 +149,6 @@ def scores_frame(scores: np.ndarray, nouns: Sequence[str], attributes: Sequence[
     df = pd.DataFrame(rows)
     df["rank"] = df.groupby("attribute")["score"].rank(ascending=False, method="min").astype(int)
     return df
-
 
 
 def caption_axis_bias(lat: PromptH, word_maps: dict[int, "WordMap"], nouns: Sequence[str],
@@ -182,7 +174,6 @@ def caption_axis_bias(lat: PromptH, word_maps: dict[int, "WordMap"], nouns: Sequ
     return scores_frame(combine_steps(proj), nouns, attributes)
 
 
-
 def _rank_corr(scores: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """Spearman rho of each row of ``scores`` (..., N) with ``truth`` (N,) (average ranks for ties)."""
     from scipy.stats import rankdata
@@ -193,7 +184,6 @@ def _rank_corr(scores: np.ndarray, truth: np.ndarray) -> np.ndarray:
     rt = rt - rt.mean()
     den = np.sqrt((rs ** 2).sum(-1) * (rt ** 2).sum())
     return np.where(den > 0, (rs * rt).sum(-1) / np.where(den > 0, den, 1.0), np.nan)
-
 
 
 def bootstrap_rho(projections: np.ndarray, truth: np.ndarray, n_boot: int = 1000, ci: float = 0.9,
@@ -240,13 +230,11 @@ def bootstrap_rho(projections: np.ndarray, truth: np.ndarray, n_boot: int = 1000
     return out
 
 
-
 def truth_matrix(truth: pd.DataFrame, nouns: Sequence[str], attributes: Sequence[str],
                  truth_column: str = "rate") -> np.ndarray:
     """Ground truth (class, attribute, ``truth_column`` rows) as a (nouns, attributes) array (NaN where missing)."""
     t = truth.pivot_table(index="class", columns="attribute", values=truth_column, aggfunc="first")
     return t.reindex(index=list(nouns), columns=list(attributes)).to_numpy(dtype=np.float64)
-
 
 
 def rho_by_seed_set(projections: dict[str, np.ndarray], nouns: Sequence[str], truth: pd.DataFrame,
@@ -275,12 +263,10 @@ def rho_by_seed_set(projections: dict[str, np.ndarray], nouns: Sequence[str], tr
     return pd.DataFrame(rows)
 
 
-
 def score_table(scores: pd.DataFrame, column: str = "score") -> pd.DataFrame:
     """Scores as a class x attribute matrix (rows/columns in first-seen order)."""
     return scores.pivot(index="class", columns="attribute", values=column).loc[
         list(dict.fromkeys(scores["class"])), list(dict.fromkeys(scores["attribute"]))]
-
 
 
 def compare_with_ground_truth(scores: pd.DataFrame, truth: pd.DataFrame, truth_column: str = "rate",
@@ -306,7 +292,6 @@ def compare_with_ground_truth(scores: pd.DataFrame, truth: pd.DataFrame, truth_c
     return pd.DataFrame(rows)
 
 
-
 def stepwise_rho(lat: PromptH, nouns: Sequence[str], truth: pd.DataFrame,
                  attributes: Sequence[str] | None = None, centre: str = "global") -> pd.DataFrame:
     """Spearman rho vs ground truth of the bias score computed from each denoising step's pooled h alone.
@@ -325,7 +310,6 @@ def stepwise_rho(lat: PromptH, nouns: Sequence[str], truth: pd.DataFrame,
     return pd.concat(rows, ignore_index=True)
 
 
-
 def cluster_prompts(lat: PromptH, prompts: Sequence[str] | None = None, form: str = "pooled",
                     metric: str = "cosine", method: str = "average") -> dict[str, Any]:
     """Hierarchical clustering of prompt h (scipy linkage); returns {"linkage", "labels", "order"}."""
@@ -337,7 +321,6 @@ def cluster_prompts(lat: PromptH, prompts: Sequence[str] | None = None, form: st
     x = lat.get(prompts, form).astype(np.float64)
     z = linkage(x, method=method, metric=metric)
     return {"linkage": z, "labels": prompts, "order": [prompts[i] for i in leaves_list(z)]}
-
 
 
 def caption_retrieval(lat: PromptH, image_h: dict[int, np.ndarray], labels: np.ndarray,
@@ -381,7 +364,6 @@ def caption_retrieval(lat: PromptH, image_h: dict[int, np.ndarray], labels: np.n
     return pd.DataFrame(rows)
 
 
-
 def generated_attribute_scores(lat: PromptH, nouns: Sequence[str], attributes: Sequence[str] | None = None,
                                thresholds: dict[str, tuple[float, float]] | None = None,
                                template: str | None = None) -> pd.DataFrame:
@@ -409,7 +391,6 @@ def generated_attribute_scores(lat: PromptH, nouns: Sequence[str], attributes: S
     df = pd.DataFrame(rows)
     df["rank"] = df.groupby("attribute")["score"].rank(ascending=False, method="min")
     return df
-
 
 
 def prompt_following(lat: PromptH, nouns: Sequence[str], attributes: Sequence[str] | None = None,

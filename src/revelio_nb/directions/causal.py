@@ -22,7 +22,6 @@ from .axes import attribute_axes_by_step, attribute_axis
 from .prompt_runs import PromptH, SampleConfig, block_module, generate, step_timesteps
 
 
-
 def _as_direction(direction: Any, out: torch.Tensor) -> torch.Tensor:
     """A direction shaped to add onto a block's image stream: (C,) broadcast over space (or tokens), (C, h, w) or
     (C*h*w,) spatial (for tokens (B, N, D): the grid layout (D, h, w) flattened, put in token order)."""
@@ -44,7 +43,6 @@ def _as_direction(direction: Any, out: torch.Tensor) -> torch.Tensor:
         f"direction with {d.numel()} values does not fit a block output of shape {tuple(out.shape[1:])}: pass "
         f"{out.shape[1] if out.ndim == 4 else out.shape[-1]} (pooled) or {int(np.prod(out.shape[1:]))} (flattened) values"
     )
-
 
 
 class SteeringHook:
@@ -121,12 +119,10 @@ class SteeringHook:
         self._t = None
 
 
-
 @contextmanager
 def steering(model: DiffusionModel, direction: Any, strength: float = 1.0, block: str = "mid_block") -> Iterator[SteeringHook]:
     with SteeringHook(model, direction, strength, block) as hook:
         yield hook
-
 
 
 def steer(model: DiffusionModel, prompts: str | Sequence[str], direction: Any, strengths: Sequence[float],
@@ -147,7 +143,6 @@ def steer(model: DiffusionModel, prompts: str | Sequence[str], direction: Any, s
 
 
 STEER_AXES = ("per-step", "mean")
-
 
 
 def steer_attributes(model: DiffusionModel, lat: PromptH, nouns: Sequence[str], attributes: Sequence[str],
@@ -178,7 +173,6 @@ def steer_attributes(model: DiffusionModel, lat: PromptH, nouns: Sequence[str], 
         strips[a] = steer(model, prompts, direction, strengths, cfg, progress=progress)
         effects.append(steering_effect(strips[a], a))
     return strips, pd.concat(effects, ignore_index=True)
-
 
 
 def steering_effect(images: dict[float, Any], attribute: str, prompts: Sequence[str] | None = None,

@@ -16,7 +16,6 @@ if TYPE_CHECKING:
     from .study import BiasStudy
 
 
-
 def plot_prompt_samples(model: DiffusionModel, nouns: Sequence[str], guidance_scales: Sequence[float] = (1.0, 3.0),
                         steps: int = 10, seed: int = 0, n_seeds: int = 4, template: str | None = None):
     """Each noun's neutral prompt drawn ``n_seeds`` times (paired seeds) at each guidance scale: one row per
@@ -49,7 +48,6 @@ def plot_prompt_samples(model: DiffusionModel, nouns: Sequence[str], guidance_sc
     return fig
 
 
-
 def plot_bias_heatmaps(panels: dict[str, pd.DataFrame], center: dict[str, float] | None = None, cmap: str = "vlag",
                        annot: bool = True, title: str = ""):
     """Class x attribute heatmaps side by side (e.g. ground truth, diffusion bias, text-encoder bias).
@@ -75,7 +73,6 @@ def plot_bias_heatmaps(panels: dict[str, pd.DataFrame], center: dict[str, float]
     return fig
 
 
-
 def plot_stepwise_rho(df: pd.DataFrame, title: str = ""):
     """rho against denoising step (0 = pure noise), one line per attribute."""
     import matplotlib.pyplot as plt
@@ -91,7 +88,6 @@ def plot_stepwise_rho(df: pd.DataFrame, title: str = ""):
     ax.set_title(title or "bias score of each step's h alone vs ground truth", fontsize=9)
     fig.tight_layout()
     return fig
-
 
 
 def plot_word_bars(named: pd.DataFrame, ncols: int = 3, title: str = ""):
@@ -118,7 +114,6 @@ def plot_word_bars(named: pd.DataFrame, ncols: int = 3, title: str = ""):
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
-
 
 
 def plot_steering_strips(strips: dict[str, dict[float, Any]], n_show: int = 4, cell: float = 0.75,
@@ -157,7 +152,6 @@ def plot_steering_strips(strips: dict[str, dict[float, Any]], n_show: int = 4, c
     return fig
 
 
-
 def plot_dendrogram(clusters: dict[str, Any], title: str = "", label_fn: Callable[[str], str] | None = None):
     """Dendrogram of :func:`cluster_prompts`."""
     import matplotlib.pyplot as plt
@@ -170,7 +164,6 @@ def plot_dendrogram(clusters: dict[str, Any], title: str = "", label_fn: Callabl
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return fig
-
 
 
 def plot_steering_effect(effects: pd.DataFrame, title: str = ""):
@@ -191,7 +184,6 @@ def plot_steering_effect(effects: pd.DataFrame, title: str = ""):
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
-
 
 
 def plot_rho_intervals(studies: Sequence[BiasStudy], target: float | None = 0.8, title: str = ""):
@@ -226,7 +218,6 @@ def plot_rho_intervals(studies: Sequence[BiasStudy], target: float | None = 0.8,
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
-
 
 
 def plot_retrieval(retrieval: pd.DataFrame, title: str = ""):

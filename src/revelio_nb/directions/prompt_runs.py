@@ -33,7 +33,6 @@ FORMS = ("pooled", "flat")
 H_CONDITIONS = ("prompt", "neutral")
 
 
-
 @dataclass
 class SampleConfig:
     """How prompts are sampled when their h is captured (or steered)."""
@@ -67,11 +66,9 @@ class SampleConfig:
         return self
 
 
-
 def block_module(model: DiffusionModel, block: str) -> torch.nn.Module:
     validate_blocks(model.denoiser, [block])
     return dict(model.denoiser.named_modules())[block]
-
 
 
 def _scheduler(model: DiffusionModel, steps: int, size: int | None = None):
@@ -80,7 +77,6 @@ def _scheduler(model: DiffusionModel, steps: int, size: int | None = None):
 
     hw = model.latent_shape(1, size or model.native_image_size)[-2:]
     return Sampler(model, steps, latent_hw=hw)
-
 
 
 def step_index(model: DiffusionModel, steps: int, t: int) -> int:
@@ -92,11 +88,9 @@ def step_index(model: DiffusionModel, steps: int, t: int) -> int:
     return int(np.argmin(np.abs(ts - float(model.model_timestep(t, hw)))))
 
 
-
 def step_timesteps(model: DiffusionModel, steps: int) -> list[int]:
     """The timestep of every DDIM step (index 0 = pure noise) of a ``steps``-step run."""
     return [int(t) for t in _scheduler(model, steps).timesteps]
-
 
 
 def _start_noise(model: DiffusionModel, n_seeds: int, seed: int, size: int) -> torch.Tensor:
@@ -105,13 +99,11 @@ def _start_noise(model: DiffusionModel, n_seeds: int, seed: int, size: int) -> t
     return torch.randn(model.latent_shape(n_seeds, size), generator=g)
 
 
-
 def _cat_cond(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for k, v in a.items():
         out[k] = _cat_cond(v, b[k]) if isinstance(v, dict) else torch.cat([v, b[k].expand(len(b[k]), *v.shape[1:])])
     return out
-
 
 
 @torch.no_grad()
@@ -210,7 +202,6 @@ def generate(
         bar.update(len(chunk))
     bar.close()
     return torch.cat(out)
-
 
 
 @dataclass
@@ -316,7 +307,6 @@ class PromptH:
         return out[0] if single else out
 
 
-
 def _save_run(folder: Path, prompts: list[str], arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
     from safetensors.numpy import save_file
 
@@ -326,14 +316,12 @@ def _save_run(folder: Path, prompts: list[str], arrays: dict[str, np.ndarray], m
     atomic_write_json(folder / "latents.json", {"prompts": prompts, **meta})
 
 
-
 def _load_run(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
     from safetensors.numpy import load_file
 
     if not ((folder / "latents.json").is_file() and (folder / "latents.safetensors").is_file()):
         return None
     return load_file(str(folder / "latents.safetensors")), json.loads((folder / "latents.json").read_text())
-
 
 
 def _h_from_run(arrays: dict[str, np.ndarray], meta: dict[str, Any], condition: str, capture_steps,
@@ -346,7 +334,6 @@ def _h_from_run(arrays: dict[str, np.ndarray], meta: dict[str, Any], condition: 
                          source=f"{meta['source']} (h: {condition} pass)", config=config,
                          flat_steps=flat_steps, capture_steps=list(meta["capture_steps"]),
                          flat_seeds=arrays.get(f"{condition}.flat_seeds"))
-
 
 
 def prompt_h(
@@ -409,7 +396,6 @@ def prompt_h(
     if cache:
         _save_run(folder, prompts, arrays, meta)
     return _h_from_run(arrays, {"prompts": prompts, **meta}, cfg.h_condition, cfg.capture_steps, asdict(cfg))
-
 
 
 @torch.no_grad()

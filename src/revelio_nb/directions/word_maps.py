@@ -27,12 +27,10 @@ DEFAULT_STOPWORDS = frozenset({"a", "an", "the", "of", "drawing", "photo", "faci
 CONDITIONS = ("neutral", "caption")
 
 
-
 def unit(v: np.ndarray) -> np.ndarray:
     v = np.asarray(v, dtype=np.float64)
     n = np.linalg.norm(v, axis=-1, keepdims=True)
     return v / np.where(n > 0, n, 1.0)
-
 
 
 @dataclass
@@ -55,7 +53,6 @@ class CaptionMapConfig:
         if self.image_size is not None and int(self.image_size) <= 0:
             raise ValueError(f"image_size must be None (the model's native size) or positive, got {self.image_size!r}")
         return self
-
 
 
 @torch.no_grad()
@@ -107,7 +104,6 @@ def caption_words(caption: str, stopwords: frozenset[str] = DEFAULT_STOPWORDS) -
     return [w for w in "".join(ch.lower() if ch.isalnum() else " " for ch in caption).split() if w not in stopwords]
 
 
-
 def word_matrix(captions: Sequence[str], vocabulary: Sequence[str] | None = None, min_count: int = 5,
                 stopwords: frozenset[str] = DEFAULT_STOPWORDS) -> tuple[np.ndarray, list[str]]:
     """Binary word-presence matrix (N, V) and its vocabulary (words seen >= ``min_count`` times, sorted)."""
@@ -129,7 +125,6 @@ def word_matrix(captions: Sequence[str], vocabulary: Sequence[str] | None = None
 
 
 WORD_METHODS = ("ridge", "mean_diff", "whitened")
-
 
 
 @dataclass
@@ -196,7 +191,6 @@ class WordMap:
         return ["+".join(self.vocabulary[j] for j in np.argsort(-row)[:k]) for row in cos]
 
 
-
 def fit_word_map(h: np.ndarray, captions: Sequence[str] | None = None, *, words: np.ndarray | None = None,
                  vocabulary: Sequence[str] | None = None, alpha: float = 1.0, min_count: int = 5,
                  stopwords: frozenset[str] = DEFAULT_STOPWORDS, shrinkage: float | None = None) -> WordMap:
@@ -249,7 +243,6 @@ def fit_word_map(h: np.ndarray, captions: Sequence[str] | None = None, *, words:
                    None if shrinkage is None else float(shrinkage))
 
 
-
 def name_sae_latents(h: np.ndarray, word_map: "WordMap", config: Any, key: str = "", n_latents: int = 8, k: int = 3,
                      method: str = "ridge") -> tuple[pd.DataFrame, dict[str, Any]]:
     """Train (or load from the cache) a k-SAE on h (N, d) with ``config`` (:class:`revelio_nb.sae.TrainConfig`)
@@ -267,7 +260,6 @@ def name_sae_latents(h: np.ndarray, word_map: "WordMap", config: Any, key: str =
     named = word_map.name(ksae.W_dec.detach().cpu().numpy()[top], k=k, method=method,
                           names=[f"latent {i} ({ev['firing_frequency'][i]:.0%})" for i in top])
     return named, ev
-
 
 
 def pca_directions(h: np.ndarray, n: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
