@@ -404,7 +404,9 @@ def test_plots_save_writes_the_table_and_the_figure_under_one_name(tmp_path):
     from revelio_nb import plots
 
     fig = plt.figure()
-    paths = plots.save(tmp_path, "06_x", pd.DataFrame({"a": [1]}), fig)
+    assert plots.save(tmp_path, "06_x", pd.DataFrame({"a": [1]}), fig) is None  # a cell ending with it shows no value
+    plots.save(tmp_path, "06_y", fig=fig)
     plt.close(fig)
-    assert [p.relative_to(tmp_path).as_posix() for p in paths] == ["tables/06_x.csv", "figures/06_x.png"]
-    assert plots.save(tmp_path, "06_y") == []
+    assert pd.read_csv(tmp_path / "tables" / "06_x.csv").a.tolist() == [1]
+    assert (tmp_path / "figures" / "06_x.png").stat().st_size > 0 and (tmp_path / "figures" / "06_y.png").is_file()
+    assert not (tmp_path / "tables" / "06_y.csv").exists()
