@@ -288,11 +288,11 @@ def test_lcm_sampler_matches_diffusers_latent_consistency_pipeline(root):
 
 
 @pytest.mark.parametrize("name", TEXT_NAMES)
-def test_prompt_latents_and_steering_touch_the_image_stream_only(root, name):
+def test_prompt_h_and_steering_touch_the_image_stream_only(root, name):
     m = model_of(root, name)
     size = size_of(name)
     cfg = D.SampleConfig(n_seeds=2, steps=2, image_size=size, batch_size=4)  # block "mid_block" -> the h block
-    lat = D.prompt_latents(m, ["a red cat", "a blue dog"], cfg, cache=False, progress=False)
+    lat = D.prompt_h(m, ["a red cat", "a blue dog"], cfg, cache=False, progress=False)
     shape = hooks.list_blocks(m, image_size=size).set_index("block").loc[m.h_block, "output_shape"]
     assert lat.shape == tuple(shape) and lat.pooled.shape == (2, shape[0]) and lat.flat.shape == (2, int(np.prod(shape)))
     assert np.isfinite(lat.flat).all() and not np.allclose(lat.get("a red cat"), lat.get("a blue dog"))

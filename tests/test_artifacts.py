@@ -177,20 +177,20 @@ def test_sae_resume_on_other_features_of_the_same_shape_is_refused(tmp_path):
 # ------------------------------------------------------------------------------------------ prompt latents, browser
 
 
-def test_prompt_latents_key_follows_the_model_identity(unet, other_scheduler):
+def test_prompt_h_key_follows_the_model_identity(unet, other_scheduler):
     cfg, prompts = SampleConfig(steps=4, n_seeds=2), ["a cat", "a dog"]
-    folder = artifacts.prompt_latents_dir(unet, prompts, cfg, False)
+    folder = artifacts.prompt_h_dir(unet, prompts, cfg, False)
     assert folder.parent.name == "directions" and folder.name.startswith("latents-")
-    assert artifacts.prompt_latents_dir(unet, prompts, dataclasses.replace(cfg, h_condition="neutral"), False) \
+    assert artifacts.prompt_h_dir(unet, prompts, dataclasses.replace(cfg, h_condition="neutral"), False) \
         == folder  # one sampling run records both passes
-    assert artifacts.prompt_latents_dir(copy.copy(unet), list(prompts), SampleConfig(steps=4, n_seeds=2), False) \
+    assert artifacts.prompt_h_dir(copy.copy(unet), list(prompts), SampleConfig(steps=4, n_seeds=2), False) \
         == folder
     other_weights = dataclasses.replace(unet, weights_hash="0" * 16)
-    changed = [artifacts.prompt_latents_dir(other_scheduler, prompts, cfg, False),
-               artifacts.prompt_latents_dir(other_weights, prompts, cfg, False),
-               artifacts.prompt_latents_dir(unet, prompts[:1], cfg, False),
-               artifacts.prompt_latents_dir(unet, prompts, dataclasses.replace(cfg, steps=5), False),
-               artifacts.prompt_latents_dir(unet, prompts, cfg, True)]
+    changed = [artifacts.prompt_h_dir(other_scheduler, prompts, cfg, False),
+               artifacts.prompt_h_dir(other_weights, prompts, cfg, False),
+               artifacts.prompt_h_dir(unet, prompts[:1], cfg, False),
+               artifacts.prompt_h_dir(unet, prompts, dataclasses.replace(cfg, steps=5), False),
+               artifacts.prompt_h_dir(unet, prompts, cfg, True)]
     assert len(set(changed) | {folder}) == len(changed) + 1
 
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from revelio_nb import bias_study as B
+from revelio_nb.directions import prompt_runs, readouts as R, study as B
 from revelio_nb import directions as D
 from revelio_nb.captions import neutral_prompt
 
@@ -88,7 +88,7 @@ def test_caption_axis_bias_from_a_subset_of_seeds_matches_the_seed_mean():
     prompts = [neutral_prompt(n) for n in NOUNS]
     seeds = rng.normal(size=(len(NOUNS), s, 2, d)).astype(np.float16)
     flat_steps = seeds.astype(np.float32).mean(1)
-    lat = D.PromptLatents(prompts, flat_steps.mean(1), flat_steps.mean(1), flat_steps=flat_steps,
+    lat = D.PromptH(prompts, flat_steps.mean(1), flat_steps.mean(1), flat_steps=flat_steps,
                           capture_steps=steps, flat_seeds=seeds)
     assert lat.n_seeds == s and lat.at_step(2).flat_seeds.shape == (len(NOUNS), s, 1, d)
     words = rng.normal(size=(300, d))
@@ -104,7 +104,7 @@ def test_caption_axis_bias_from_a_subset_of_seeds_matches_the_seed_mean():
     sub = D.caption_axis_bias(lat, maps, NOUNS, ["size"], seeds=np.arange(s))
     np.testing.assert_allclose(full.score, sub.score, atol=1e-5)
     assert not np.allclose(D.caption_axis_bias(lat, maps, NOUNS, ["size"], seeds=[0]).score, full.score)
-    no_seeds = D.PromptLatents(prompts, flat_steps.mean(1), flat_steps.mean(1), flat_steps=flat_steps,
+    no_seeds = D.PromptH(prompts, flat_steps.mean(1), flat_steps.mean(1), flat_steps=flat_steps,
                                capture_steps=steps)
     with pytest.raises(ValueError, match="keep_seeds"):
         D.caption_axis_projections(no_seeds, maps, NOUNS, ["size"], per_seed=True)
@@ -115,7 +115,7 @@ def test_caption_retrieval_finds_the_own_class_despite_an_offset_and_not_with_sh
     d = 32
     protos = rng.normal(size=(len(NOUNS), d))
     prompts = [neutral_prompt(n) for n in NOUNS]
-    lat = D.PromptLatents(prompts, protos, protos.astype(np.float32), capture_steps=[4])
+    lat = D.PromptH(prompts, protos, protos.astype(np.float32), capture_steps=[4])
     labels = np.repeat(np.arange(len(NOUNS)), 20)
     # real-image h: its class's prototype, a large constant offset (real vs generated), noise growing with t
     h = {t: protos[labels] + 10.0 + s * rng.normal(size=(len(labels), d)) for t, s in [(0, 0.3), (500, 3.0)]}
@@ -126,7 +126,7 @@ def test_caption_retrieval_finds_the_own_class_despite_an_offset_and_not_with_sh
     assert df.set_index("t").loc[500].top1 < row0.top1
     # prompt latents that do not differ (e.g. the first step of a neutral pass: same noise, same empty prompt)
     # retrieve nothing: ties are broken at random, so accuracy is chance, not 100 %
-    same = D.PromptLatents(prompts, np.ones_like(protos), np.ones((len(NOUNS), d), np.float32), capture_steps=[4])
+    same = D.PromptH(prompts, np.ones_like(protos), np.ones((len(NOUNS), d), np.float32), capture_steps=[4])
     tied = D.caption_retrieval(same, {0: h[0]}, labels, NOUNS, steps={0: 4}).iloc[0]
     assert tied.top1 == pytest.approx(1 / len(NOUNS)) and tied.top5 == pytest.approx(5 / len(NOUNS))
     shuffled = D.caption_retrieval(lat, {0: h[0]}, rng.permutation(labels), NOUNS, steps={0: 4})
@@ -192,7 +192,7 @@ def test_attribute_axes_by_step_key_each_step_by_its_timestep(sd_model):
 
     nouns = ["cat", "dog"]
     prompts = [attribute_prompt(n, "size", w) for n in nouns for w in ("large", "small")]
-    lat = D.prompt_latents(sd_model, prompts, D.SampleConfig(n_seeds=2, steps=3), cache=False, progress=False)
+    lat = D.prompt_h(sd_model, prompts, D.SampleConfig(n_seeds=2, steps=3), cache=False, progress=False)
     ts = D.step_timesteps(sd_model, 3)
     axes = D.attribute_axes_by_step(lat, nouns, "size", ts)
     assert sorted(axes) == sorted(ts) and all(v.shape == lat.flat.shape[1:] for v in axes.values())
@@ -228,10 +228,10 @@ def test_bias_study_end_to_end_on_a_tiny_text_pipeline(sd_model, tiny_animals, t
     assert study.map_steps == {0: 2, 333: 1} and sorted(study.word_maps) == [1, 2]
     # each seed set keeps every seed's h at the map steps and the retrieval steps
     assert study.projections["seeds 0+"].shape == (10, 3, 2, len(attrs))
-    assert all(lat.capture_steps == [0, 1, 2] for lat in study.latents.values())
+    assert all(lat.capture_steps == [0, 1, 2] for lat in study.neutral_h.values())
     # the score reads the whitened caption-map axes (cfg.axis_method), each with its attribute's mirror parity
     assert all(wm.whitened is not None and wm.shrinkage == 3.0 for wm in study.word_maps.values())
-    lat0 = study.latents["seeds 0+"]
+    lat0 = study.neutral_h["seeds 0+"]
     want = D.caption_axis_projections(lat0, study.word_maps, study.nouns, attrs, method="whitened", per_seed=True,
                                       mirror=True)
     np.testing.assert_allclose(study.projections["seeds 0+"], want)
@@ -266,8 +266,36 @@ def test_bias_study_end_to_end_on_a_tiny_text_pipeline(sd_model, tiny_animals, t
         assert {f"rho set {k}", f"ci_low set {k}", f"ci_high set {k}"} <= set(summary.columns)
     assert {"rho worst seed set", "rho all seed sets", "rho text encoder", "steer_rho", "steer_rho_paired"} <= \
         set(summary.columns)
+    # notebook 06's readouts around the study
+    nouns = study.nouns
+    assert list(R.readout_table(rho, scores, attrs).index) == list(scores)
+    assert len(R.stack_scores(scores)) == len(scores) * len(nouns) * len(attrs)
+    panels = R.bias_panels(study, scores)
+    assert all(p.shape == (len(nouns), len(attrs)) for p in panels.values())
+    np.testing.assert_allclose(panels["diffusion h (all seed sets)"].to_numpy(),
+                               D.score_table(study.scores["all seed sets"]).to_numpy())
+    ranking = R.ranking_table(study)
+    assert list(ranking.columns) == attrs and list(ranking.index) == nouns and ranking.min().eq(1).all()
+    clusters = R.neutral_clusters(sd_model, study)
+    assert list(clusters) == ["diffusion h", "text encoder"]
+    assert sorted(clusters["diffusion h"]["order"]) == sorted(neutral_prompt(n) for n in nouns)
+    lat_p = R.attribute_prompt_h(sd_model, nouns, ["size"], D.SampleConfig(n_seeds=2, steps=2), progress=False)
+    assert lat_p.images is not None and len(lat_p) == len(D.attribute_prompts(nouns, ["size"])["all"])
+    small = replace(study, config=replace(study.config, attributes=["size"]))
+    named, h, wm = R.named_directions(small, lat_p, 0, n_pcs=2, k=2)
+    assert h.shape == (len(study.store.indices), lat_p.pooled.shape[1])
+    assert list(dict.fromkeys(named.direction))[0] == "axis size" and named.direction.nunique() == 3
+    sae_named, ev = R.sae_latent_words(study, h, wm, 0, expansion=2, k=2, epochs=2, n_latents=3, batch_size=32)
+    assert sae_named.direction.nunique() == 3 and 0 <= ev["fvu"]
+    # caption_features draws the feature stores' noise: neutral rows equal the store's (the one real-image extractor)
+    idx = study.store.indices[:5]
+    imgs = tiny_animals.tensor(idx, size=sd_model.native_image_size, channels=sd_model.image_channels)
+    got = D.caption_features(sd_model, imgs, config=D.CaptionMapConfig(t=333, seed=cfg.seed), indices=idx,
+                             progress=False)
+    np.testing.assert_allclose(got["flat"], study.map_h(333, "flat")[:5], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got["pooled"], study.map_h(333, "pooled")[:5], rtol=1e-4, atol=1e-5)
     # a rerun is served from the caches (no sampling)
-    monkeypatch.setattr(D, "generate", lambda *a, **k: pytest.fail("should have been served from the cache"))
+    monkeypatch.setattr(prompt_runs, "generate", lambda *a, **k: pytest.fail("should have been served from the cache"))
     again = B.bias_study(sd_model, tiny_animals, cfg, progress=False)
     pd.testing.assert_frame_equal(again.rho, study.rho)
 
@@ -355,7 +383,30 @@ def test_mirror_axis_keeps_the_attributes_parity_and_removes_the_rest():
     wm.mean_diff[wm.vocabulary.index("right")] += 3 * ident  # the pollution
     prompts = [neutral_prompt(n) for n in NOUNS[:3]]
     flat = np.stack([ident, 2 * ident, -ident]).astype(np.float32)
-    lat = D.PromptLatents(prompts, flat[:, :3], flat, shape=shape, capture_steps=[0])
+    lat = D.PromptH(prompts, flat[:, :3], flat, shape=shape, capture_steps=[0])
     plain = D.caption_axis_projections(lat, {0: wm}, NOUNS[:3], ["facing"])
     parity = D.caption_axis_projections(lat, {0: wm}, NOUNS[:3], ["facing"], mirror=True)
     assert np.abs(plain).max() > 1 and np.abs(parity).max() < 1e-6
+
+
+def test_strip_panels_take_the_first_seed_of_every_third_class():
+    n_seeds, nouns = 3, [f"c{i}" for i in range(10)]
+    imgs = np.arange(len(nouns) * n_seeds)  # image i = class i // n_seeds, seed i % n_seeds
+    show, rows = R.strip_panels({"size": {0.0: imgs, 1.0: imgs + 100}}, nouns, n_seeds)
+    assert rows == ["c0", "c3", "c6", "c9"] and list(show) == ["size: small->large"]
+    np.testing.assert_array_equal(show["size: small->large"][1.0], [100, 109, 118, 127])
+    assert R.short_prompt(neutral_prompt("cat")) == "cat"
+
+
+def test_plots_save_writes_the_table_and_the_figure_under_one_name(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from revelio_nb import plots
+
+    fig = plt.figure()
+    assert plots.save(tmp_path, "06_x", pd.DataFrame({"a": [1]}), fig) is None  # a cell ending with it shows no value
+    plots.save(tmp_path, "06_y", fig=fig)
+    plt.close(fig)
+    assert pd.read_csv(tmp_path / "tables" / "06_x.csv").a.tolist() == [1]
+    assert (tmp_path / "figures" / "06_x.png").stat().st_size > 0 and (tmp_path / "figures" / "06_y.png").is_file()
+    assert not (tmp_path / "tables" / "06_y.csv").exists()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from revelio_nb import directions as D
+from revelio_nb.directions import prompt_runs, word_maps
 from revelio_nb.captions import attribute_prompt, neutral_prompt
 
 
@@ -52,10 +53,10 @@ def test_generate_matches_sampling_sample_with_and_without_cfg(sd_model):
         torch.testing.assert_close(ours[2:], ref, atol=1e-4, rtol=1e-4)
 
 
-def test_prompt_latents_on_tiny_sd_pipeline(sd_model, cache):
+def test_prompt_h_on_tiny_sd_pipeline(sd_model, cache):
     prompts = ["a cat", "a dog", "a red cat", "a red dog"]
     cfg = D.SampleConfig(n_seeds=2, steps=3, batch_size=4)
-    lat = D.prompt_latents(sd_model, prompts, cfg, keep_images=True, progress=False)
+    lat = D.prompt_h(sd_model, prompts, cfg, keep_images=True, progress=False)
     c, hh, ww = _mid(sd_model)
     size = sd_model.native_image_size
     assert lat.pooled.shape == (4, c) and lat.flat.shape == (4, c * hh * ww) and lat.shape == (c, hh, ww)
@@ -64,18 +65,18 @@ def test_prompt_latents_on_tiny_sd_pipeline(sd_model, cache):
     # the pooled latent is the mean of the flattened one over space
     np.testing.assert_allclose(lat.pooled, lat.flat.reshape(4, c, hh * ww).mean(-1), rtol=1e-4, atol=1e-5)
     # batching does not change a prompt's latent (paired seeds), and the cache returns the same arrays
-    one = D.prompt_latents(sd_model, ["a dog"], cfg, progress=False, cache=False)
+    one = D.prompt_h(sd_model, ["a dog"], cfg, progress=False, cache=False)
     np.testing.assert_allclose(one.pooled[0], lat.pooled[1], rtol=1e-4, atol=1e-5)
-    again = D.prompt_latents(sd_model, prompts, cfg, keep_images=True, progress=False)
+    again = D.prompt_h(sd_model, prompts, cfg, keep_images=True, progress=False)
     np.testing.assert_array_equal(again.flat, lat.flat)
     assert list((cache / "directions").iterdir())
     # chosen steps only
-    last = D.prompt_latents(sd_model, ["a cat"], D.SampleConfig(n_seeds=2, steps=3, capture_steps=[2]),
+    last = D.prompt_h(sd_model, ["a cat"], D.SampleConfig(n_seeds=2, steps=3, capture_steps=[2]),
                             progress=False, cache=False)
     np.testing.assert_allclose(last.pooled[0], lat.pooled_steps[0, 2], rtol=1e-4, atol=1e-5)
     d = D.concept_direction(lat, ["a red cat", "a red dog"], ["a cat", "a dog"])
     assert d.shape == (c,) and np.linalg.norm(d) == pytest.approx(1.0)
-    base = D.text_encoder_latents(sd_model, prompts)
+    base = D.text_encoder_embeddings(sd_model, prompts)
     assert base.pooled.shape == (4, sd_model.text_encoder.config.hidden_size) and base.flat is None
     with pytest.raises(ValueError, match="flat"):
         base.get(form="flat")
@@ -150,15 +151,15 @@ def test_word_map_names_a_planted_direction():
         assert top.iloc[0].word == "large" and bottom.iloc[0].word == "small"
         assert top.iloc[0].score > 0.5
     # ridge recovers the word vectors themselves
-    cos = np.diag(D._unit(wm.ridge[[wm.vocabulary.index(w) for w in vocab]]) @ D._unit(true).T)
+    cos = np.diag(word_maps.unit(wm.ridge[[wm.vocabulary.index(w) for w in vocab]]) @ word_maps.unit(true).T)
     assert (cos > 0.95).all()
     assert wm.labels(true[[2]], k=1) == ["cat"]
     with pytest.raises(ValueError, match="dims"):
         wm.name(np.ones((1, d + 1)))
 
 
-def _synthetic_latents(rates: dict[str, float], noise: float, seed: int = 0, offset: float = 0.5) -> D.PromptLatents:
-    """Prompt latents in which each noun's neutral prompt sits at its rate between its small and large prompts;
+def _synthetic_latents(rates: dict[str, float], noise: float, seed: int = 0, offset: float = 0.5) -> D.PromptH:
+    """Prompt h in which each noun's neutral prompt sits at its rate between its small and large prompts;
     each noun has its own random identity offset (scale ``offset``)."""
     rng = np.random.default_rng(seed)
     d = 16
@@ -171,7 +172,7 @@ def _synthetic_latents(rates: dict[str, float], noise: float, seed: int = 0, off
                      (attribute_prompt(noun, "size", "large"), hi), (attribute_prompt(noun, "size", "small"), lo)):
             prompts.append(p)
             vecs.append(v + noise * rng.normal(size=d))
-    return D.PromptLatents(prompts, np.array(vecs, np.float32), None)
+    return D.PromptH(prompts, np.array(vecs, np.float32), None)
 
 
 def test_bias_scores_track_planted_rates():
@@ -201,7 +202,7 @@ def test_bias_scores_track_planted_rates():
         D.bias_scores(lat, list(rates), ["size"], method="median")
     with pytest.raises(ValueError, match="centre"):
         D.bias_scores(lat, list(rates), ["size"], centre="median")
-    with pytest.raises(KeyError, match="not in these latents"):
+    with pytest.raises(KeyError, match="not in these prompt h"):
         D.bias_scores(lat, ["yak"], ["size"])
 
 
@@ -246,6 +247,10 @@ def test_caption_features_are_seeded_per_image_and_feed_a_word_map(sd_model):
         D.caption_features(sd_model, imgs, caps[:2], D.CaptionMapConfig(condition="caption"), progress=False)
     with pytest.raises(ValueError, match="timestep"):
         D.caption_features(sd_model, imgs, caps, D.CaptionMapConfig(t=1000), progress=False)
+    with pytest.raises(ValueError, match="1 indices for 6 images"):
+        D.caption_features(sd_model, imgs, caps, cfg, indices=[0], progress=False)
+    part = D.caption_features(sd_model, imgs[2:4], caps[2:4], cfg, indices=[2, 3], progress=False)
+    np.testing.assert_allclose(part["flat"], full["flat"][2:4], rtol=1e-4, atol=1e-5)  # a subset: the same rows
 
 
 def test_generated_attribute_scores_apply_the_caption_rule_to_kept_images():
@@ -255,28 +260,28 @@ def test_generated_attribute_scores_apply_the_caption_rule_to_kept_images():
     small[:, 14:18, 14:18] = 255
     mixed = np.concatenate([big[:1], small[:3]])
     prompts = [neutral_prompt(n) for n in ("elephant", "ant", "cat")]
-    lat = D.PromptLatents(prompts, np.zeros((3, 2), np.float32), None, images=np.stack([big, small, mixed]))
+    lat = D.PromptH(prompts, np.zeros((3, 2), np.float32), None, images=np.stack([big, small, mixed]))
     th = {"size": (0.1, 0.3)}
     s = D.generated_attribute_scores(lat, ["elephant", "ant", "cat"], ["size"], thresholds=th).set_index("class")
     assert s.loc["elephant", "score"] == 1.0 and s.loc["ant", "score"] == 0.0 and s.loc["cat", "score"] == 0.25
     mean = D.generated_attribute_scores(lat, ["elephant"], ["size"]).iloc[0].score
     assert mean == pytest.approx(24 * 24 / 1024)
     with pytest.raises(ValueError, match="keep_images"):
-        D.generated_attribute_scores(D.PromptLatents(prompts, np.zeros((3, 2)), None), ["cat"])
+        D.generated_attribute_scores(D.PromptH(prompts, np.zeros((3, 2)), None), ["cat"])
 
 
 def test_neutral_pass_h_keeps_images_and_a_cfg_run_serves_both_conditions(sd_model, cache, monkeypatch):
     prompts = ["a cat", "a red dog"]
     plain = D.SampleConfig(n_seeds=2, steps=2)
-    lp = D.prompt_latents(sd_model, prompts, plain, keep_images=True, progress=False)
-    ln = D.prompt_latents(sd_model, prompts, D.SampleConfig(n_seeds=2, steps=2, h_condition="neutral"),
+    lp = D.prompt_h(sd_model, prompts, plain, keep_images=True, progress=False)
+    ln = D.prompt_h(sd_model, prompts, D.SampleConfig(n_seeds=2, steps=2, h_condition="neutral"),
                           keep_images=True, progress=False)
     np.testing.assert_array_equal(lp.images, ln.images)  # the extra neutral pass does not change the drawing
     assert not np.allclose(lp.flat, ln.flat)
     guided = D.SampleConfig(n_seeds=2, steps=2, guidance_scale=2.0)
-    gp = D.prompt_latents(sd_model, prompts, guided, progress=False)
-    monkeypatch.setattr(D, "generate", lambda *a, **k: pytest.fail("should have been served from the cache"))
-    gn = D.prompt_latents(sd_model, prompts, D.SampleConfig(n_seeds=2, steps=2, guidance_scale=2.0,
+    gp = D.prompt_h(sd_model, prompts, guided, progress=False)
+    monkeypatch.setattr(prompt_runs, "generate", lambda *a, **k: pytest.fail("should have been served from the cache"))
+    gn = D.prompt_h(sd_model, prompts, D.SampleConfig(n_seeds=2, steps=2, guidance_scale=2.0,
                                                             h_condition="neutral"), progress=False)
     assert gn.flat.shape == gp.flat.shape and not np.allclose(gn.flat, gp.flat)
     with pytest.raises(ValueError, match="h_condition"):
@@ -294,7 +299,7 @@ def test_prompt_following_measures_the_words_effect_on_the_drawings():
 
     prompts = [attribute_prompt("cat", "size", "large"), neutral_prompt("cat"), attribute_prompt("cat", "size", "small")]
     images = np.stack([blobs(rng.integers(18, 24, 6)), blobs(rng.integers(10, 18, 6)), blobs(rng.integers(6, 10, 6))])
-    lat = D.PromptLatents(prompts, np.zeros((3, 2), np.float32), None, images=images)
+    lat = D.PromptH(prompts, np.zeros((3, 2), np.float32), None, images=images)
     row = D.prompt_following(lat, ["cat"], ["size"]).iloc[0]
     assert row.mean_high > row.mean_neutral > row.mean_low and row.d > 3
 
@@ -305,13 +310,13 @@ def test_stepwise_rho_finds_the_step_that_carries_the_attribute():
     rng = np.random.default_rng(1)
     # step 0: identical for all prompts; step 1: the planted structure; step 2: pure noise
     steps = np.stack([np.ones_like(lat.pooled), lat.pooled, rng.normal(size=lat.pooled.shape)], 1).astype(np.float32)
-    lat = D.PromptLatents(lat.prompts, lat.pooled, None, pooled_steps=steps)
+    lat = D.PromptH(lat.prompts, lat.pooled, None, pooled_steps=steps)
     truth = pd.DataFrame({"class": list(rates), "attribute": "size", "rate": list(rates.values())})
     df = D.stepwise_rho(lat, list(rates), truth, ["size"])
     assert df["step"].tolist() == [0, 1, 2]
     assert np.isnan(df.rho.iloc[0]) and df.rho.iloc[1] > 0.9 and abs(df.rho.iloc[2]) < 0.9
     with pytest.raises(ValueError, match="per-step"):
-        D.stepwise_rho(D.PromptLatents(lat.prompts, lat.pooled, None), list(rates), truth, ["size"])
+        D.stepwise_rho(D.PromptH(lat.prompts, lat.pooled, None), list(rates), truth, ["size"])
 
 
 def test_extra_neutral_pass_runs_only_at_capture_steps_and_keeps_each_step(sd_model, cache):
@@ -332,12 +337,12 @@ def test_extra_neutral_pass_runs_only_at_capture_steps_and_keeps_each_step(sd_mo
         assert seen[0] == (0, ["prompt"]) and seen[-1] == (2, ["neutral", "prompt"])
     finally:
         sd_model.predict = orig
-    lat = D.prompt_latents(sd_model, prompts, cfg, keep_images=True, progress=False)
+    lat = D.prompt_h(sd_model, prompts, cfg, keep_images=True, progress=False)
     assert lat.capture_steps == [1, 2] and lat.flat_steps.shape == (2, 2, lat.flat.shape[1])
     assert np.isnan(lat.pooled_steps[:, 0]).all() and np.isfinite(lat.pooled_steps[:, 1:]).all()
     np.testing.assert_allclose(lat.flat, lat.flat_steps.mean(1), rtol=1e-5, atol=1e-6)
     # one step alone equals a run that captures only that step (same images, same h)
-    only = D.prompt_latents(sd_model, prompts, D.SampleConfig(n_seeds=2, steps=3, h_condition="neutral",
+    only = D.prompt_h(sd_model, prompts, D.SampleConfig(n_seeds=2, steps=3, h_condition="neutral",
                                                               capture_steps=[2]), keep_images=True, progress=False)
     np.testing.assert_allclose(lat.at_step(2).flat, only.flat, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(lat.at_step(2).pooled, only.pooled, rtol=1e-4, atol=1e-5)
@@ -368,7 +373,7 @@ def test_caption_axis_bias_reads_planted_rates_through_word_axes():
         for i, n in enumerate(nouns):  # the neutral prompt's h: its identity plus its rate along the axis
             flat_steps[i, k] = ids[n] + (2 * rates[n] - 1) * axis + 0.05 * rng.normal(size=d)
     prompts = [neutral_prompt(n) for n in nouns]
-    lat = D.PromptLatents(prompts, flat_steps.mean(1), flat_steps.mean(1), flat_steps=flat_steps, capture_steps=steps)
+    lat = D.PromptH(prompts, flat_steps.mean(1), flat_steps.mean(1), flat_steps=flat_steps, capture_steps=steps)
     scores = D.caption_axis_bias(lat, maps, nouns, ["size"])
     assert list(scores.columns) == ["class", "attribute", "high", "low", "score", "rank"]
     truth = pd.DataFrame({"class": nouns, "attribute": "size", "rate": [rates[n] for n in nouns]})

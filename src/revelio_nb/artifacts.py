@@ -12,7 +12,7 @@ k-SAE                  the training store's key + block + timestep + SAE archite
                        training hyper-parameters (not the device, the checkpoint cadence or
                        the hookpoint / model labels written into ``cfg.json``)
 latent statistics      the SAE (its folder) + the evaluation store's key + ``top_n``          :func:`latents_dir`
-prompt latents         model identity + prompts + sampling config (not ``h_condition``: one   :func:`prompt_latents_dir`
+prompt h               model identity + prompts + sampling config (not ``h_condition``: one   :func:`prompt_h_dir`
                        run serves both) + whether images are kept
 browser's 2-D view     method, seed, t-SNE subset size, store key, block, t                   ``embedding_cache_key``
 embedded models        :meth:`revelio_nb.models.EmbeddedSpec.identity` (training recipe)      ``models.embedded_folder``
@@ -197,12 +197,12 @@ def latents_dir(sae_folder: str | os.PathLike, eval_store: "FeatureStore", top_n
     return Path(sae_folder) / f"latents-{eval_store.config['split']}-top{int(top_n)}-{key}"
 
 
-# ------------------------------------------------------------------------------------------ prompt latents
+# ------------------------------------------------------------------------------------------ prompt h
 
 
-def prompt_latents_key(model: "DiffusionModel", prompts: Sequence[str], cfg: Any, keep_images: bool,
-                       keep_seeds: bool = False) -> str:
-    """Key of a prompt-latent sampling run (``cfg``: a :class:`revelio_nb.directions.SampleConfig`).
+def prompt_h_key(model: "DiffusionModel", prompts: Sequence[str], cfg: Any, keep_images: bool,
+                 keep_seeds: bool = False) -> str:
+    """Key of a prompt-h sampling run (``cfg``: a :class:`revelio_nb.directions.SampleConfig`).
 
     ``h_condition`` is left out: one sampling run records both passes when it has them.
     """
@@ -211,10 +211,10 @@ def prompt_latents_key(model: "DiffusionModel", prompts: Sequence[str], cfg: Any
                    "config": run, "images": bool(keep_images), **({"seeds": True} if keep_seeds else {})})
 
 
-def prompt_latents_dir(model: "DiffusionModel", prompts: Sequence[str], cfg: Any, keep_images: bool,
-                       keep_seeds: bool = False) -> Path:
-    """Folder of a prompt-latent run (``keep_seeds``: per-seed h kept, for intervals over seeds)."""
-    return cache_dir("directions") / f"latents-{prompt_latents_key(model, prompts, cfg, keep_images, keep_seeds)}"
+def prompt_h_dir(model: "DiffusionModel", prompts: Sequence[str], cfg: Any, keep_images: bool,
+                 keep_seeds: bool = False) -> Path:
+    """Folder of a prompt-h run (``keep_seeds``: per-seed h kept, for intervals over seeds)."""
+    return cache_dir("directions") / f"latents-{prompt_h_key(model, prompts, cfg, keep_images, keep_seeds)}"
 
 
 def array_sae_dir(x: np.ndarray, cfg: Any, label: str = "") -> Path:

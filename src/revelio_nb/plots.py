@@ -30,6 +30,16 @@ def save_table(df: pd.DataFrame, run_dir: str | os.PathLike, name: str, index: b
     return path
 
 
+def save(run_dir: str | os.PathLike, name: str, table: pd.DataFrame | None = None, fig=None,
+         index: bool = False) -> None:
+    """Save a table (:func:`save_table`) and / or a figure (:func:`savefig`) under one name (returns nothing, so a
+    notebook cell ending with it shows only the figure)."""
+    if table is not None:
+        save_table(table, run_dir, name, index=index)
+    if fig is not None:
+        savefig(fig, run_dir, name)
+
+
 def image_grid(
     images: np.ndarray,
     titles: Sequence[str] | None = None,

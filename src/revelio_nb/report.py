@@ -85,7 +85,7 @@ def results_markdown(run_dir: str | Path) -> str:
 
 
 def directions_markdown(run_dir: str | Path) -> str | None:
-    """Notebook 06's summary (``tables/06_summary.csv``, :func:`revelio_nb.bias_study.summary_table`) as markdown:
+    """Notebook 06's summary (``tables/06_summary.csv``, :func:`revelio_nb.directions.summary_table`) as markdown:
     per model, sampler and attribute, rho of the bias score against the truth on each seed set with its
     bootstrap interval, the worst set, all sets at once, the text-encoder baseline and steering."""
     path = Path(run_dir) / "tables" / "06_summary.csv"

@@ -31,9 +31,13 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from . import captions as C
-from . import directions as D
-from .models import DiffusionModel
+from .. import captions as C
+from ..models import DiffusionModel
+from .axes import attribute_prompts
+from .bias import (bias_scores, caption_axis_bias, caption_axis_projections, caption_retrieval, combine_steps,
+                   compare_with_ground_truth, generated_attribute_scores, rho_by_seed_set, scores_frame)
+from .prompt_runs import FORMS, PromptH, SampleConfig, prompt_h, step_index, text_encoder_embeddings
+from .word_maps import WORD_METHODS, WordMap, fit_word_map
 
 
 @dataclass
@@ -70,10 +74,10 @@ class BiasStudyConfig:
             raise ValueError(f"retrieval_max_images must be >= 0, got {self.retrieval_max_images}")
         if not self.t_maps:
             raise ValueError("t_maps is empty: give at least one timestep, e.g. [0, 100]")
-        if self.form not in D.FORMS:
-            raise ValueError(f"form {self.form!r} is not one of {list(D.FORMS)}")
-        if self.axis_method not in D.WORD_METHODS:
-            raise ValueError(f"axis_method {self.axis_method!r} is not one of {list(D.WORD_METHODS)}")
+        if self.form not in FORMS:
+            raise ValueError(f"form {self.form!r} is not one of {list(FORMS)}")
+        if self.axis_method not in WORD_METHODS:
+            raise ValueError(f"axis_method {self.axis_method!r} is not one of {list(WORD_METHODS)}")
         if not self.shrinkage > 0:
             raise ValueError(f"shrinkage must be > 0, got {self.shrinkage}")
         if not 0 < self.ci < 1:
@@ -95,9 +99,9 @@ class BiasStudy:
     truth: pd.DataFrame  # captions.ground_truth rows of the studied attributes (training split)
     caption_set: C.CaptionSet
     store: Any  # feature store behind the caption maps (training images, t_maps, pooling "none")
-    word_maps: dict[int, D.WordMap]  # capture step -> caption map at that step's timestep
+    word_maps: dict[int, WordMap]  # capture step -> caption map at that step's timestep
     map_steps: dict[int, int]  # t -> capture step (one t per step when several t_maps fall on one step)
-    latents: dict[str, D.PromptLatents]  # seed-set label -> neutral prompts' latents (neutral pass)
+    neutral_h: dict[str, PromptH]  # seed-set label -> neutral prompts' h (neutral pass)
     projections: dict[str, np.ndarray]  # seed-set label -> (nouns, seeds, steps, attributes)
     scores: dict[str, pd.DataFrame]  # seed-set label (and "all seed sets") -> bias scores
     rho: pd.DataFrame  # rho_by_seed_set: per seed set and all sets, with bootstrap intervals
@@ -111,7 +115,7 @@ class BiasStudy:
 
     @property
     def seed_set_labels(self) -> list[str]:
-        return list(self.latents)
+        return list(self.neutral_h)
 
     @property
     def map_captions(self) -> list[str]:
@@ -139,7 +143,7 @@ def steps_of(model: DiffusionModel, timesteps: Sequence[int], steps: int) -> dic
     (few steps), only the first of them is kept."""
     out: dict[int, int] = {}
     for t in timesteps:
-        s = D.step_index(model, steps, int(t))
+        s = step_index(model, steps, int(t))
         if s not in out.values():
             out[int(t)] = s
     return out
@@ -154,7 +158,7 @@ def bias_study(model: DiffusionModel, dataset, config: BiasStudyConfig | None = 
     """Run the bias study (module docstring) of ``model`` on the captioned ``dataset`` (an
     :class:`~revelio_nb.data.ImageDataset`; its class names are the nouns). Every sampling run and feature store
     is cached, so a rerun with the same config is cheap."""
-    from . import features
+    from .. import features
 
     cfg = (config or BiasStudyConfig()).validate()
     nouns = list(model.class_names or dataset.class_names)
@@ -173,37 +177,37 @@ def bias_study(model: DiffusionModel, dataset, config: BiasStudyConfig | None = 
     word_maps = {}
     for t, step in map_steps.items():
         h = np.asarray(store.array("mid_block", t), np.float32)
-        word_maps[step] = D.fit_word_map(h.reshape(len(h), -1) if cfg.form == "flat" else h.mean((2, 3)), caps,
+        word_maps[step] = fit_word_map(h.reshape(len(h), -1) if cfg.form == "flat" else h.mean((2, 3)), caps,
                                          shrinkage=cfg.shrinkage if cfg.axis_method == "whitened" else None)
 
     # neutral prompts on independent seed sets (each also captures the retrieval steps)
     neutral = [C.neutral_prompt(n) for n in nouns]
     retrieval_steps = steps_of(model, cfg.retrieval_ts, cfg.steps) if cfg.retrieval_max_images else {}
-    latents, projections, scores, refs = {}, {}, {}, []
+    neutral_h, projections, scores, refs = {}, {}, {}, []
     for r in range(cfg.seed_sets):
         capture = set(map_steps.values()) | set(retrieval_steps.values())
-        sc = D.SampleConfig(n_seeds=cfg.n_seeds, steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+        sc = SampleConfig(n_seeds=cfg.n_seeds, steps=cfg.steps, guidance_scale=cfg.guidance_scale,
                             seed=cfg.seed_of(r), capture_steps=sorted(capture), h_condition="neutral",
                             batch_size=cfg.batch_size)
         label = _seed_label(cfg.seed_of(r))
-        lat = D.prompt_latents(model, neutral, sc, keep_images=True, keep_seeds=True, progress=progress)
-        latents[label] = lat
-        projections[label] = D.caption_axis_projections(lat, word_maps, nouns, attrs, form=cfg.form,
+        lat = prompt_h(model, neutral, sc, keep_images=True, keep_seeds=True, progress=progress)
+        neutral_h[label] = lat
+        projections[label] = caption_axis_projections(lat, word_maps, nouns, attrs, form=cfg.form,
                                                         method=cfg.axis_method, per_seed=True, mirror=cfg.mirror)
-        scores[label] = D.scores_frame(D.combine_steps(projections[label].mean(1)), nouns, attrs)
-        drawn = D.generated_attribute_scores(lat, nouns, attrs)
-        refs.append(D.compare_with_ground_truth(drawn, truth, label="generated images (measured)")
+        scores[label] = scores_frame(combine_steps(projections[label].mean(1)), nouns, attrs)
+        drawn = generated_attribute_scores(lat, nouns, attrs)
+        refs.append(compare_with_ground_truth(drawn, truth, label="generated images (measured)")
                     .assign(seed_set=label))
-    rho = D.rho_by_seed_set(projections, nouns, truth, attrs, n_boot=cfg.n_boot, ci=cfg.ci, seed=cfg.seed)
+    rho = rho_by_seed_set(projections, nouns, truth, attrs, n_boot=cfg.n_boot, ci=cfg.ci, seed=cfg.seed)
     if len(projections) > 1:
-        scores["all seed sets"] = D.scores_frame(
-            D.combine_steps(np.concatenate(list(projections.values()), 1).mean(1)), nouns, attrs)
+        scores["all seed sets"] = scores_frame(
+            combine_steps(np.concatenate(list(projections.values()), 1).mean(1)), nouns, attrs)
 
     # text-encoder baseline: the paper's prompt-pair axes on the frozen text encoder's embeddings
-    prompts = D.attribute_prompts(nouns, attrs)
-    base = D.text_encoder_latents(model, prompts["all"])
-    te = D.bias_scores(base, nouns, attrs, form="pooled")
-    refs.append(D.compare_with_ground_truth(te, truth, label="text encoder").assign(seed_set="-"))
+    prompts = attribute_prompts(nouns, attrs)
+    base = text_encoder_embeddings(model, prompts["all"])
+    te = bias_scores(base, nouns, attrs, form="pooled")
+    refs.append(compare_with_ground_truth(te, truth, label="text encoder").assign(seed_set="-"))
 
     retrieval = None
     if cfg.retrieval_max_images:
@@ -214,31 +218,31 @@ def bias_study(model: DiffusionModel, dataset, config: BiasStudyConfig | None = 
             model=model, dataset=dataset, progress=progress)
         image_h = {t: np.asarray(test.array("mid_block", t), np.float32) for t in retrieval_steps}
         labels = np.asarray(dataset.labels)[test.indices]
-        retrieval = pd.concat([D.caption_retrieval(lat, image_h, labels, nouns, retrieval_steps, form=cfg.form)
-                               .assign(seed_set=label) for label, lat in latents.items()], ignore_index=True)
-    return BiasStudy(cfg, model.model_id, nouns, truth, cs, store, word_maps, map_steps, latents, projections,
+        retrieval = pd.concat([caption_retrieval(lat, image_h, labels, nouns, retrieval_steps, form=cfg.form)
+                               .assign(seed_set=label) for label, lat in neutral_h.items()], ignore_index=True)
+    return BiasStudy(cfg, model.model_id, nouns, truth, cs, store, word_maps, map_steps, neutral_h, projections,
                      scores, rho, pd.concat(refs, ignore_index=True), te, retrieval)
 
 
 # ------------------------------------------------------------------------------------------ summary
 
 
-def readout_variants(study: BiasStudy, prompt_latents: D.PromptLatents | None = None
+def readout_variants(study: BiasStudy, prompt_pass_h: PromptH | None = None
                      ) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     """rho of the study's score beside the other readouts, all on the first seed set: the caption-map axes of the
     other method (plain difference of means vs whitened) and on the other form (pooled vs flat); the paper's
-    prompt-pair axes on ``prompt_latents`` (attribute prompts, prompt pass; flat, pooled,
+    prompt-pair axes on ``prompt_pass_h`` (attribute prompts, prompt pass; flat, pooled,
     and centred on each class's own prompts); the text encoder (global and class centre); the attribute measured on
     the images the neutral prompts drew. Returns (rho rows with ``scores`` = readout name, {name: scores})."""
     nouns, attrs = study.nouns, study.config.attributes
     first = study.seed_set_labels[0]
-    lat = study.latents[first]
+    lat = study.neutral_h[first]
     cfg = study.config
     other_form = "pooled" if cfg.form == "flat" else "flat"
     maps = {cfg.form: study.word_maps if study.word_maps[next(iter(study.word_maps))].whitened is not None else
-            {step: D.fit_word_map(study.map_h(t, cfg.form), study.map_captions, shrinkage=cfg.shrinkage)
+            {step: fit_word_map(study.map_h(t, cfg.form), study.map_captions, shrinkage=cfg.shrinkage)
              for t, step in study.map_steps.items()},
-            other_form: {step: D.fit_word_map(study.map_h(t, other_form), study.map_captions, shrinkage=cfg.shrinkage)
+            other_form: {step: fit_word_map(study.map_h(t, other_form), study.map_captions, shrinkage=cfg.shrinkage)
                          for t, step in study.map_steps.items()}}
     scores = {f"score: h neutral prompts, {cfg.form}, caption-map {cfg.axis_method} axes"
               f"{', mirror parity' if cfg.mirror and cfg.form == 'flat' else ''}": study.scores[first]}
@@ -248,69 +252,17 @@ def readout_variants(study: BiasStudy, prompt_latents: D.PromptLatents | None = 
         if form == "pooled" and mirror:
             continue
         label = f"h neutral prompts, {form}, caption-map {method} axes{', mirror parity' if mirror else ''}"
-        scores[label] = D.caption_axis_bias(lat, maps[form], nouns, attrs, form=form, method=method, mirror=mirror)
-    if prompt_latents is not None:
+        scores[label] = caption_axis_bias(lat, maps[form], nouns, attrs, form=form, method=method, mirror=mirror)
+    if prompt_pass_h is not None:
         for name, (form, centre) in {"h prompt pass, flat": ("flat", "global"),
                                      "h prompt pass, pooled": ("pooled", "global"),
                                      "h prompt pass, flat, class centre": ("flat", "class")}.items():
-            scores[name] = D.bias_scores(prompt_latents, nouns, attrs, form=form, centre=centre)
+            scores[name] = bias_scores(prompt_pass_h, nouns, attrs, form=form, centre=centre)
     scores["text encoder"] = study.text_encoder_scores
-    scores["generated images (measured)"] = D.generated_attribute_scores(lat, nouns, attrs)
-    rho = pd.concat([D.compare_with_ground_truth(sc, study.truth, label=k) for k, sc in scores.items()],
+    scores["generated images (measured)"] = generated_attribute_scores(lat, nouns, attrs)
+    rho = pd.concat([compare_with_ground_truth(sc, study.truth, label=k) for k, sc in scores.items()],
                     ignore_index=True)
     return rho, scores
-
-
-def plot_rho_intervals(studies: Sequence[BiasStudy], target: float | None = 0.8, title: str = ""):
-    """rho against the truth per attribute: every seed set of every study with its bootstrap interval (the
-    study's all-sets value as a black diamond), and the target as a dashed line."""
-    import matplotlib.pyplot as plt
-
-    attrs = list(studies[0].config.attributes)
-    fig, axes = plt.subplots(1, len(studies), figsize=(1.3 * len(attrs) * len(studies) + 1.5, 3.0), squeeze=False,
-                             sharey=True)
-    for ax, st in zip(axes[0], studies):
-        sets = st.seed_set_labels
-        width = 0.7 / max(1, len(sets))
-        for k, label in enumerate(sets + ["all seed sets"]):
-            g = st.rho[st.rho.seed_set == label].set_index("attribute").reindex(attrs)
-            if g.rho.isna().all():
-                continue
-            x = np.arange(len(attrs)) + (k - len(sets) / 2) * width
-            pooled = label == "all seed sets"
-            ax.errorbar(x, g.rho, yerr=[g.rho - g.ci_low, g.ci_high - g.rho], fmt="D" if pooled else "o",
-                        ms=4, capsize=2, color="k" if pooled else None, label=label)
-        if target is not None:
-            ax.axhline(target, ls="--", color="grey", lw=0.8)
-        ax.set_xticks(np.arange(len(attrs)))
-        ax.set_xticklabels(attrs, fontsize=8)
-        ax.set_ylim(min(-0.1, float(np.nanmin(st.rho.ci_low)) - 0.05), 1.02)
-        ax.set_title(f"{st.label} ({st.config.sampler}, {st.config.n_seeds} seeds per set)", fontsize=8)
-        ax.tick_params(labelsize=7)
-    axes[0, 0].set_ylabel(f"Spearman rho vs truth ({int(100 * studies[0].config.ci)} % CI)", fontsize=8)
-    axes[0, -1].legend(fontsize=6, loc="lower right")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def plot_retrieval(retrieval: pd.DataFrame, title: str = ""):
-    """Top-1 / top-5 retrieval accuracy of the image-conditioning check against t, with chance levels."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.5, 2.8))
-    for k, c in (("top1", "tab:blue"), ("top5", "tab:orange")):
-        ax.plot(retrieval.t, retrieval[k], marker="o", color=c, label=k)
-        ax.plot(retrieval.t, retrieval[f"chance_{k}"], ls=":", color=c, label=f"chance {k}")
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("t (real images noised to t)", fontsize=8)
-    ax.set_ylabel("accuracy", fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.legend(fontsize=7)
-    ax.set_title(title or "does h of a real image retrieve its class's prompt latent?", fontsize=9)
-    fig.tight_layout()
-    return fig
 
 
 def steering_summary(effects: pd.DataFrame, column: str = "rho_value_strength") -> pd.DataFrame:
