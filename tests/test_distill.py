@@ -146,3 +146,41 @@ def test_distilled_student_with_4_lcm_steps_is_closer_to_the_teacher_ddim_sample
     err_teacher = (_lcm(undistilled, x_t, cond, sched, 16) - ref).pow(2).mean().item()
     print(f"MSE to 25-step DDIM: distilled {err_student:.4f}, undistilled {err_teacher:.4f}")
     assert err_student < 0.8 * err_teacher
+
+
+def test_embedded_lcm_entry_keys_on_its_recipe_and_its_teacher_and_leaves_other_keys_alone():
+    from revelio_nb.models import embedded as E
+
+    spec = E.EMBEDDED_MODELS["animals-unet-text-lcm"]
+    assert spec.teacher == "animals-unet-text" and spec.distill is not None
+    plain = E.EMBEDDED_MODELS["animals-unet-text"].identity()
+    assert not {"teacher", "distill", "lcm_guidance", "teacher_identity"} & set(plain)  # older cache keys hold
+    ident = spec.identity()
+    assert ident["teacher_identity"] == plain and "train" not in ident
+    full, smoke = E.embedded_folder("animals-unet-text-lcm")[1], E.embedded_folder("animals-unet-text-lcm", 10)[1]
+    assert full != smoke  # the smoke teacher (10 steps) is another teacher: another student
+    s10, _ = E.embedded_folder("animals-unet-text-lcm", 10)
+    assert s10.distill.steps == 10
+
+
+def test_lcm_study_config_snaps_the_map_and_retrieval_timesteps_to_the_lcm_steps(tmp_path):
+    from tiny_models import save_tiny_lcm, save_tiny_sd
+
+    from revelio_nb import bias_study as B
+    from revelio_nb import directions as D
+    from revelio_nb import sampler_study as SS
+    from revelio_nb.models import load_model
+
+    m = load_model(str(save_tiny_lcm(tmp_path / "lcm")))
+    cfg = SS.lcm_study_config(B.BiasStudyConfig(t_maps=[0], retrieval_ts=[0, 100, 300]), m, steps=4,
+                              guidance_scale=2.0)
+    grid = D.step_timesteps(m, 4)
+    assert cfg.t_maps == [grid[-1]] and grid[-1] > 0  # no LCM step at t = 0: the last step's own t
+    assert set(cfg.retrieval_ts) <= set(grid) and len(set(cfg.retrieval_ts)) == len(cfg.retrieval_ts)
+    assert cfg.steps == 4 and cfg.guidance_scale == 2.0 and cfg.sampler == "LCM (4 steps)"
+    assert SS.lcm_study_config(B.BiasStudyConfig(), m, 2).guidance_scale == m.adapter.default_guidance
+    with pytest.raises(ValueError, match="1..8"):
+        SS.lcm_study_config(B.BiasStudyConfig(), m, steps=20)
+    sd = load_model(str(save_tiny_sd(tmp_path / "sd")))
+    with pytest.raises(ValueError, match="not 'lcm'"):
+        SS.lcm_study_config(B.BiasStudyConfig(), sd, steps=4)
