@@ -92,10 +92,11 @@ def digest(array: Any) -> str:
 # ------------------------------------------------------------------------------------------ models and data
 
 
-def embedded_model_dir(name: str, spec: Any) -> Path:
-    """``<cache>/models/<name>-<key>`` of an embedded model trained with ``spec``
-    (:class:`revelio_nb.models.embedded.EmbeddedSpec`; its ``identity()`` is everything that changes the weights)."""
-    return cache_dir("models") / f"{name}-{key_of(spec.identity())}"
+def embedded_model_dir(name: str, identity: dict[str, Any]) -> Path:
+    """``<cache>/models/<name>-<key>`` of an embedded model whose recipe identity is ``identity``
+    (:meth:`revelio_nb.models.embedded.EmbeddedSpec.identity`, plus the teacher's for distilled models): everything
+    that changes the weights."""
+    return cache_dir("models") / f"{name}-{key_of(identity)}"
 
 
 def attribute_table_dir(dataset_name: str, names: Sequence[str], images: np.ndarray) -> Path:

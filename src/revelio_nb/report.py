@@ -170,8 +170,8 @@ def run_markdown(run_dir: str | Path) -> str:
                      "set = the lowest of them; all sets = every seed at once; text encoder = the paper's prompt-pair "
                      "axes on the frozen text encoder's embeddings; steering = the attribute measured on images "
                      "generated with the attribute axis added to h (rho over all images, and paired: each image "
-                     "against its unsteered twin). One row per model (training seed) and sampler (DDIM today; the "
-                     "latent-consistency sampler adds its own rows).\n\n" + d)
+                     "against its unsteered twin). One row per model (training seed) and sampler (DDIM, and LCM for the "
+                     "consistency-distilled model).\n\n" + d)
     tx = taxonomy_markdown(run_dir)
     if tx:
         parts.append(tx)

@@ -15,6 +15,7 @@ h is the output of the bottleneck block (``mid_block``; a transformer's middle b
 * :mod:`.causal`: :class:`SteeringHook`, :func:`steer`, :func:`steer_attributes`, :func:`steering_effect`;
 * :mod:`.plots`: notebook 06's figures;
 * :mod:`.study`: :func:`bias_study`, the pipeline notebook 06 runs, and its tables (:func:`summary_table`);
+* :mod:`.samplers`: DDIM vs the latent-consistency sampler in the bias study (LCM configs, side-by-side table).
 * :mod:`.readouts`: notebook 06's other steps around the study (attribute prompts, score tables, clusters,
   words naming directions and SAE latents, steering strip panels).
 """
@@ -36,6 +37,7 @@ from .study import (BiasStudy, BiasStudyConfig, bias_study, config_dict, readout
                     steps_of, summary_table)
 from .readouts import (attribute_prompt_h, bias_panels, named_directions, neutral_clusters, ranking_table,
                        readout_table, sae_latent_words, short_prompt, stack_scores, strip_panels)
+from .samplers import lcm_study_config, replicate_studies, sampler_comparison, snap_timesteps
 
 __all__ = [
     # prompt_runs
@@ -62,4 +64,6 @@ __all__ = [
     # readouts
     "attribute_prompt_h", "bias_panels", "named_directions", "neutral_clusters", "ranking_table", "readout_table",
     "sae_latent_words", "short_prompt", "stack_scores", "strip_panels",
+    # samplers
+    "lcm_study_config", "replicate_studies", "sampler_comparison", "snap_timesteps",
 ]

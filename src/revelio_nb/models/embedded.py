@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from .. import artifacts
+from ..distill import DistillConfig
 from ..paths import atomic_write_json
 from ..sampling import sample, to_uint8
 from ..training import DenoiserTrainConfig, train_denoiser
@@ -42,14 +43,29 @@ class EmbeddedSpec:
     beta_schedule: str = "squaredcos_cap_v2"
     captions: str | None = None  # "module:function" returning one caption per dataset image (text models)
     description: str = ""
+    # consistency-distilled models (LCM): the embedded teacher they are distilled from, and the distillation recipe
+    # (revelio_nb.distill); ``train`` is then unused. Left out of the identity when None (older cache keys hold).
+    teacher: str | None = None
+    distill: DistillConfig | None = None
+    lcm_guidance: float | None = None  # default guidance scale of the distilled model's sampler (1 + w)
 
     def identity(self) -> dict[str, Any]:
         """Everything that changes the trained weights (the cache key): not the free-text description, not how
-        often checkpoints are written, not the thread count (training is deterministic across both)."""
+        often checkpoints are written, not the thread count (training is deterministic across both). A distilled
+        model's identity holds its distillation recipe and its teacher's identity (``teacher_identity``, filled
+        by :func:`embedded_folder`)."""
         d = asdict(self)
         d.pop("description")
         for k in ("checkpoint_every", "num_threads"):
             d["train"].pop(k)
+        for k in ("teacher", "distill", "lcm_guidance"):
+            if d[k] is None:
+                d.pop(k)
+        if d.get("distill"):
+            for k in ("checkpoint_every", "num_threads"):
+                d["distill"].pop(k)
+            d.pop("train")
+            d["teacher_identity"] = embedded_folder(self.teacher)[0].identity() if self.teacher else None
         return d
 
 
@@ -147,6 +163,11 @@ EMBEDDED_MODELS["animals-unet-text-ref"] = replace(
 EMBEDDED_MODELS["animals-unet-text-seed1"] = replace(
     EMBEDDED_MODELS["animals-unet-text"], train=replace(EMBEDDED_MODELS["animals-unet-text"].train, seed=1),
     description="animals-unet-text retrained from training seed 1: does a bias finding survive retraining?")
+# notebook 06's few-step sampler (issue 17): the text model consistency-distilled into an LCM (revelio_nb.distill)
+EMBEDDED_MODELS["animals-unet-text-lcm"] = replace(
+    EMBEDDED_MODELS["animals-unet-text"], teacher="animals-unet-text", distill=DistillConfig(), lcm_guidance=1.0,
+    description="animals-unet-text consistency-distilled into a latent consistency model (guidance embedding "
+    "w in [0, 3], skipping-step DDIM solver on 50 steps with the teacher's CFG, EMA target): LCMScheduler, 2-8 steps")
 
 
 def embedded_names() -> list[str]:
@@ -191,7 +212,13 @@ def embedded_folder(name: str, train_steps: int | None = None) -> tuple[Embedded
             raise ModelLoadError(f"train_steps must be a positive integer, got {train_steps!r}")
         spec.train.steps = int(train_steps)
         spec.train.warmup_steps = min(spec.train.warmup_steps, max(1, spec.train.steps // 10))
-    return spec, artifacts.embedded_model_dir(name, spec)
+        if spec.distill is not None:  # smoke budgets: the teacher gets train_steps, the distillation at most that
+            spec.distill.steps = min(spec.distill.steps, int(train_steps))
+            spec.distill.warmup_steps = min(spec.distill.warmup_steps, max(1, spec.distill.steps // 10))
+    identity = spec.identity()
+    if spec.distill is not None:
+        identity["teacher_identity"] = embedded_folder(spec.teacher, train_steps)[0].identity()
+    return spec, artifacts.embedded_model_dir(name, identity)
 
 
 
@@ -210,13 +237,16 @@ def ensure_embedded(name: str, train_steps: int | None = None, progress: bool = 
         if (folder / "model_index.json").is_file():  # another process trained it while we waited
             return folder
         with torch.enable_grad(), torch.inference_mode(False):
-            _train_embedded(name, spec, folder, progress)
+            _train_embedded(name, spec, folder, progress, train_steps)
     return folder
 
 
-def _train_embedded(name: str, spec: EmbeddedSpec, folder: Path, progress: bool) -> None:
+def _train_embedded(name: str, spec: EmbeddedSpec, folder: Path, progress: bool,
+                    train_steps: int | None = None) -> None:
     from ..data import load_dataset
 
+    if spec.distill is not None:
+        return _distill_embedded(name, spec, folder, progress, train_steps)
     work = folder.with_name(folder.name + ".partial")
     torch.manual_seed(spec.train.seed)
     ds = load_dataset(spec.dataset, classes=spec.classes)
@@ -242,6 +272,34 @@ def _train_embedded(name: str, spec: EmbeddedSpec, folder: Path, progress: bool)
     _write_embedded_folder(work, name, spec, ema, scheduler, ds, state)
     with torch.no_grad():
         save_model_card(work, steps=min(25, max(5, spec.train.steps // 10)))  # tiny smoke budgets: a cheap card
+    (work / "checkpoint.safetensors").unlink(missing_ok=True)
+    os.replace(work, folder)
+
+
+def _distill_embedded(name: str, spec: EmbeddedSpec, folder: Path, progress: bool, train_steps: int | None) -> None:
+    """Consistency-distil the embedded teacher (trained first if needed) into an LCM folder: a normal diffusers
+    UNet2DConditionModel with ``time_cond_proj_dim`` + LCMScheduler, so the hub-LCM path loads and samples it."""
+    from ..data import load_dataset
+    from ..distill import distill_from_teacher, lcm_scheduler
+
+    if spec.conditioning != "text" or not spec.teacher:
+        raise ModelLoadError(f"embedded model {name!r}: consistency distillation needs a text-conditioned teacher")
+    teacher_folder = ensure_embedded(spec.teacher, train_steps=train_steps, progress=progress)
+    teacher = load_from_folder(teacher_folder, model_id=f"embedded:{spec.teacher}")
+    work = folder.with_name(folder.name + ".partial")
+    ds = load_dataset(spec.dataset, classes=spec.classes)
+    train_idx = ds.split("train")
+    images = ds.tensor(train_idx, size=spec.image_size)
+    captions = list(_resolve(spec.captions)(ds))
+    text_encoder, tok = load_minilm()
+    conds = _embed_texts([captions[i] for i in train_idx], text_encoder, tok)
+    null_cond = _embed_texts([""], text_encoder, tok)[0]
+    ddpm = _embedded_scheduler(spec)
+    student, state = distill_from_teacher(teacher.denoiser.float(), images, conds, null_cond, ddpm.alphas_cumprod,
+                                          spec.distill, work, desc=f"distill {name}")
+    _write_embedded_folder(work, name, spec, student, lcm_scheduler(ddpm, spec.distill), ds, state)
+    with torch.no_grad():
+        save_model_card(work, steps=4)
     (work / "checkpoint.safetensors").unlink(missing_ok=True)
     os.replace(work, folder)
 
@@ -291,7 +349,7 @@ def save_model_card(folder: Path, n_samples: int = 64, steps: int = 50, seed: in
     plt.close(fig)
     model = load_from_folder(folder, model_id=f"embedded:{info['name']}")
     images = to_uint8(sample(model, n_samples, steps=steps, seed=seed))
-    fig = image_grid(images, ncols=16, cell=0.6, suptitle=f"{info['name']}: {n_samples} samples ({steps} DDIM steps)")
+    fig = image_grid(images, ncols=16, cell=0.6, suptitle=f"{info['name']}: {n_samples} samples ({steps} {model.adapter.sampler.upper()} steps)")
     fig.savefig(folder / "samples.png", dpi=110)
     plt.close(fig)
 
@@ -368,8 +426,10 @@ def _write_embedded_folder(work: Path, name: str, spec: EmbeddedSpec, ema: nn.Mo
         "text_encoder": "minilm" if spec.conditioning == "text" else None,
         "text_max_length": TEXT_MAX_LENGTH if spec.conditioning == "text" else None,
     }
+    if spec.distill is not None:
+        info.update(teacher=f"embedded:{spec.teacher}", sampler="lcm", default_guidance=spec.lcm_guidance)
     atomic_write_json(work / "embedded.json", info)
     np.save(work / "losses.npy", np.asarray(state.losses, dtype=np.float32))
-    components = {sub: ["diffusers", type(ema).__name__], "scheduler": ["diffusers", "DDPMScheduler"]}
+    components = {sub: ["diffusers", type(ema).__name__], "scheduler": ["diffusers", type(scheduler).__name__]}
     atomic_write_json(work / "model_index.json", {"_class_name": "RevelioEmbeddedPipeline", **components})
 

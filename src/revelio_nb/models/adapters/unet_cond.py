@@ -44,7 +44,10 @@ class UNetCondAdapter(UNetAdapter):
 
     @property
     def default_guidance(self) -> float:  # type: ignore[override]
-        return LCM_DEFAULT_GUIDANCE if getattr(self.cfg, "time_cond_proj_dim", None) else 1.0
+        if not getattr(self.cfg, "time_cond_proj_dim", None):
+            return 1.0
+        own = self.model.info.get("default_guidance")  # an embedded LCM's own (its distillation's w range)
+        return float(own) if own is not None else LCM_DEFAULT_GUIDANCE
 
     def uses_cfg(self) -> bool:
         return not self.is_lcm
