@@ -158,7 +158,7 @@ def measure(a) -> dict:
     extract_s = time.perf_counter() - t0
     images_per_s = a.images * len(a.timesteps) / extract_s  # image-timestep passes per second
 
-    from revelio_nb.hooks import FeatureCapture
+    from revelio_nb.capture import FeatureCapture
 
     # the early-exit speed-up of the denoiser pass itself (VAE encoding and the store's writes, which early exit
     # cannot skip, are left out): the same noised latents through the denoiser, full pass vs stopping at the block

@@ -17,7 +17,7 @@ import torch
 
 from revelio_nb import directions as D
 from revelio_nb import features as F
-from revelio_nb import hooks
+from revelio_nb import capture
 from revelio_nb.models import ModelLoadError, load_model
 from revelio_nb.sampling import sample
 from tiny_models import BUILDERS, FAMILY
@@ -123,7 +123,7 @@ def test_loads_by_path_and_lists_blocks_on_the_image_grid(root, name):
     m = model_of(root, name)
     assert m.kind == FAMILY[name] and m.folder == folder_of(root, name)
     size = size_of(name)
-    df = hooks.list_blocks(m, image_size=size).set_index("block")
+    df = capture.list_blocks(m, image_size=size).set_index("block")
     hw = m.latent_shape(1, size)[-2:]
     for b in m.main_blocks:
         shape = df.loc[b, "output_shape"]
@@ -293,14 +293,14 @@ def test_prompt_h_and_steering_touch_the_image_stream_only(root, name):
     size = size_of(name)
     cfg = D.SampleConfig(n_seeds=2, steps=2, image_size=size, batch_size=4)  # block "mid_block" -> the h block
     lat = D.prompt_h(m, ["a red cat", "a blue dog"], cfg, cache=False, progress=False)
-    shape = hooks.list_blocks(m, image_size=size).set_index("block").loc[m.h_block, "output_shape"]
+    shape = capture.list_blocks(m, image_size=size).set_index("block").loc[m.h_block, "output_shape"]
     assert lat.shape == tuple(shape) and lat.pooled.shape == (2, shape[0]) and lat.flat.shape == (2, int(np.prod(shape)))
     assert np.isfinite(lat.flat).all() and not np.allclose(lat.get("a red cat"), lat.get("a blue dog"))
     # steering: the image stream moves by exactly strength * direction, the text stream (joint blocks) not at all
     block = m.main_blocks[0]
     module = dict(m.denoiser.named_modules())[block]
     direction = torch.randn(shape[0] if block == m.h_block else
-                            hooks.list_blocks(m, image_size=size).set_index("block").loc[block, "output_shape"][0])
+                            capture.list_blocks(m, image_size=size).set_index("block").loc[block, "output_shape"][0])
     x = torch.randn(m.latent_shape(2, size), generator=torch.Generator().manual_seed(0))
     cond = m.conditioning(2, prompts="a red cat")
 
@@ -331,7 +331,7 @@ def test_flux_tokens_go_back_on_a_non_square_packed_grid(root):
 
     m = model_of(root, "flux")
     x = torch.randn(1, 4, 8, 12, generator=torch.Generator().manual_seed(0))  # 16 x 24 px: 4 x 6 packed tokens
-    with hooks.FeatureCapture(m, [m.h_block], early_exit=False) as cap:
+    with capture.FeatureCapture(m, [m.h_block], early_exit=False) as cap:
         got = cap.run(x, 200, m.conditioning(1))[m.h_block]
     assert got.shape == (1, 32, 4, 6)
     # a planted token pattern survives the round trip: token k of the packed sequence is grid cell (k // 6, k % 6)

@@ -18,7 +18,7 @@ import pytest
 
 from revelio_nb import artifacts, models
 from revelio_nb import features as F
-from revelio_nb import hookpoints as hp
+from revelio_nb import hookpoint_saes as hp
 from revelio_nb import sae
 from revelio_nb.data import ImageDataset, load_dataset
 from revelio_nb.directions import SampleConfig

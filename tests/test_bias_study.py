@@ -287,6 +287,12 @@ def test_bias_study_end_to_end_on_a_tiny_text_pipeline(sd_model, tiny_animals, t
     assert list(dict.fromkeys(named.direction))[0] == "axis size" and named.direction.nunique() == 3
     sae_named, ev = R.sae_latent_words(study, h, wm, 0, expansion=2, k=2, epochs=2, n_latents=3, batch_size=32)
     assert sae_named.direction.nunique() == 3 and 0 <= ev["fvu"]
+    # the named latents checked against their measured kind (same cached SAE: no retraining)
+    naming, agreement = R.naming_vs_kind(study, tiny_animals, h, sae_named, 0, expansion=2, k=2, epochs=2,
+                                         batch_size=32)
+    named_ids = {int(d.split()[1]) for d in sae_named.direction}
+    assert set(naming.latent) == named_ids and len(naming) == 3 and naming.agree.dtype == bool
+    assert agreement.n.sum() == len(naming) and set(naming.names) <= {"attribute", "class", "other"}
     # caption_features draws the feature stores' noise: neutral rows equal the store's (the one real-image extractor)
     idx = study.store.indices[:5]
     imgs = tiny_animals.tensor(idx, size=sd_model.native_image_size, channels=sd_model.image_channels)

@@ -202,7 +202,7 @@ def test_legacy_two_file_checkpoint_resumed_when_consistent_discarded_when_not(t
 
 
 def _write_rows(run_dir: str, writer: int, n: int) -> None:
-    from revelio_nb.hookpoints import write_index
+    from revelio_nb.hookpoint_saes import write_index
 
     for i in range(n):
         write_index(run_dir, [{"hookpoint": f"w{writer}-{i}", "model": "m", "block": "b", "t": i, "fvu": 0.5,
@@ -210,7 +210,7 @@ def _write_rows(run_dir: str, writer: int, n: int) -> None:
 
 
 def test_hookpoint_index_keeps_every_row_of_concurrent_writers(tmp_path):
-    from revelio_nb.hookpoints import write_index
+    from revelio_nb.hookpoint_saes import write_index
 
     run = tmp_path / "run"
     write_index(run, [{"hookpoint": "w0-0", "model": "m", "block": "b", "t": -1, "fvu": 1.0}])  # replaced later

@@ -38,7 +38,7 @@ def test_store_roundtrip_rows_aligned(unet, animals, tiny_unet_path, tmp_path):
     i = 7
     x0 = unet.encode_images(animals.tensor([store.indices[i]], size=32))
     noise = F.noise_for(store.indices[i], 200, 0, 0, tuple(x0.shape[1:]))[None]
-    from revelio_nb.hooks import FeatureCapture
+    from revelio_nb.capture import FeatureCapture
     with FeatureCapture(unet, ["mid_block"]) as cap:
         ref = cap.run(unet.add_noise(x0, noise, 200), 200)["mid_block"].mean((2, 3))
     np.testing.assert_allclose(a[i], ref[0].numpy(), rtol=1e-5, atol=1e-5)
@@ -131,7 +131,7 @@ def test_bad_inputs(unet, animals, tiny_unet_path, tmp_path):
                          {"train": np.arange(3), "val": np.arange(0), "test": np.arange(0)})
     with pytest.raises(DatasetError, match="empty"):
         F.extract_features(cfg(tiny_unet_path, split="val"), model=unet, dataset=empty, out_dir=tmp_path / "e")
-    from revelio_nb.hooks import BlockNotFoundError
+    from revelio_nb.capture import BlockNotFoundError
     with pytest.raises(BlockNotFoundError, match="mid_block"):
         F.extract_features(cfg(tiny_unet_path, blocks=["bottleneck"]), model=unet, dataset=animals, out_dir=tmp_path / "f")
     assert not (tmp_path / "f").exists()

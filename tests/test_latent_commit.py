@@ -16,11 +16,11 @@ import pandas as pd
 import pytest
 import torch
 
-from revelio_nb import hookpoints as hp
+from revelio_nb import hookpoint_saes as hp
 from revelio_nb.latents import LatentStats, LatentStatsError, is_committed
 
 RUN_SRC = """
-from revelio_nb import hookpoints as hp, sae
+from revelio_nb import hookpoint_saes as hp, sae
 def make_run(model):
     cfg = sae.TrainConfig(sae=sae.SaeConfig(k=4, expansion_factor=2), steps=20, batch_size=64, warmup_steps=2,
                           device="cpu")

@@ -73,3 +73,22 @@ def test_runner_executes_and_times(tmp_path):
     with pytest.raises(RuntimeError, match="01_fail.ipynb failed"):
         runner.run_notebooks(runner.RunConfig(run=str(tmp_path / "out2"), notebooks_dir=nbs))
     assert (tmp_path / "out2" / "tables" / "timings.csv").read_text().count("failed") == 1
+
+
+def test_public_api_resolves_lazily():
+    """Every name of ``revelio_nb.__all__`` resolves to the object of the module that owns it, and importing the
+    package alone loads no heavy dependency."""
+    import subprocess
+    import sys
+
+    code = ("import sys, revelio_nb as rv; heavy = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]; "
+            "assert not heavy, heavy; missing = [n for n in rv.__all__ if getattr(rv, n, None) is None]; "
+            "assert not missing, missing; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    import revelio_nb as rv
+    from revelio_nb.sae import TrainConfig
+
+    assert rv.TrainConfig is TrainConfig and rv.sae.TrainConfig is TrainConfig
+    with __import__("pytest").raises(AttributeError, match="no attribute 'nope'"):
+        rv.nope  # noqa: B018

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from revelio_nb import hookpoints as hp
+from revelio_nb import hookpoint_saes as hp
 from revelio_nb import regime, sae
 
 

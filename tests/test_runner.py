@@ -213,7 +213,7 @@ def test_force_flag_reruns(tmp_path, monkeypatch):
 
 def test_impossible_numbers_are_errors(tiny_unet_path, tmp_path):
     """`image_size or model.native_image_size` used to treat 0 as "the default"."""
-    from revelio_nb import data, directions, features, hooks, models, sampling
+    from revelio_nb import data, directions, features, capture, models, sampling
 
     with pytest.raises(ValueError, match="image_size"):
         features.ExtractionConfig(image_size=0).validate()
@@ -225,7 +225,7 @@ def test_impossible_numbers_are_errors(tiny_unet_path, tmp_path):
         features.stratified_subset(np.arange(10), np.zeros(10, int), 0, seed=0)
     m = models.load_model(tiny_unet_path)
     with pytest.raises(ValueError, match="image size 0"):
-        hooks.list_blocks(m, image_size=0)
+        capture.list_blocks(m, image_size=0)
     with pytest.raises(ValueError, match="image size 0"):
         sampling.sample(m, 1, steps=1, image_size=0)
     with pytest.raises(ValueError, match="n .* positive integer, got 0"):

@@ -1,7 +1,7 @@
 """The SAE regime: which sparsity k and dictionary size (expansion) the taxonomy is computed in.
 
 A sweep over k x expansion per hookpoint trains each SAE with two (or more) seeds through the hookpoint pipeline
-(:func:`revelio_nb.hookpoints.train_hookpoint`, so every SAE, its statistics and its taxonomy are cached like
+(:func:`revelio_nb.hookpoint_saes.train_hookpoint`, so every SAE, its statistics and its taxonomy are cached like
 notebook 02's) and reports, on the held-out split: FVU, dead fraction, mean purity of the top images, the kinds of
 the first seed's latents, and **taxonomy stability** (the fraction of live latents whose Hungarian-matched latent
 in the other seed has the same kind, and Cohen's kappa, the same corrected for the agreement that the kind shares
@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import hookpoints as hp
+from . import hookpoint_saes as hp
 from . import sae, taxonomy
 from .data import load_dataset
 from .models import load_model

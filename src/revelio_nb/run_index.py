@@ -1,7 +1,7 @@
 """The run's hookpoint index, ``<run_dir>/sae/hookpoints.csv``: one row per trained k-SAE, one class reads and writes it.
 
 :class:`HookpointIndex` owns the file's place, its column list, the locked and atomic merge-write used by notebook
-02 (:func:`revelio_nb.hookpoints.train_hookpoints` rows) and the validated read used by the latent browser
+02 (:func:`revelio_nb.hookpoint_saes.train_hookpoints` rows) and the validated read used by the latent browser
 (:mod:`revelio_nb.browse`), with its path confinement: every folder a row names must resolve, after symlinks,
 inside the run folder, the cache folder or an explicitly allowed extra folder, so a crafted index cannot make the
 browser read or write elsewhere.

@@ -478,7 +478,7 @@ def kind_confusion(tax_a: Taxonomy, tax_b: Taxonomy, matching: pd.DataFrame) -> 
 
 # ------------------------------------------------------------------------------------------------- summaries
 def summarize(rows: Sequence[dict], **extra: Any) -> pd.DataFrame:
-    """:func:`summary_row` of each hookpoint row (from :func:`revelio_nb.hookpoints.train_hookpoint`, or the index),
+    """:func:`summary_row` of each hookpoint row (from :func:`revelio_nb.hookpoint_saes.train_hookpoint`, or the index),
     with its hookpoint, block, t and a ``cell`` label "block @ t"."""
     out = []
     for r in rows:

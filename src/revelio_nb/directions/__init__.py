@@ -35,8 +35,8 @@ from .plots import (plot_bias_heatmaps, plot_dendrogram, plot_prompt_samples, pl
                     plot_steering_effect, plot_steering_strips, plot_stepwise_rho, plot_word_bars)
 from .study import (BiasStudy, BiasStudyConfig, bias_study, config_dict, readout_variants, steering_summary,
                     steps_of, summary_table)
-from .readouts import (attribute_prompt_h, bias_panels, named_directions, neutral_clusters, ranking_table,
-                       readout_table, sae_latent_words, short_prompt, stack_scores, strip_panels)
+from .readouts import (attribute_prompt_h, bias_panels, named_directions, naming_vs_kind, neutral_clusters,
+                       ranking_table, readout_table, sae_latent_words, short_prompt, stack_scores, strip_panels)
 from .samplers import lcm_study_config, replicate_studies, sampler_comparison, snap_timesteps
 
 __all__ = [
@@ -62,7 +62,7 @@ __all__ = [
     "BiasStudy", "BiasStudyConfig", "bias_study", "config_dict", "readout_variants", "steering_summary", "steps_of",
     "summary_table",
     # readouts
-    "attribute_prompt_h", "bias_panels", "named_directions", "neutral_clusters", "ranking_table", "readout_table",
+    "attribute_prompt_h", "bias_panels", "named_directions", "naming_vs_kind", "neutral_clusters", "ranking_table", "readout_table",
     "sae_latent_words", "short_prompt", "stack_scores", "strip_panels",
     # samplers
     "lcm_study_config", "replicate_studies", "sampler_comparison", "snap_timesteps",

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import artifacts
-from ..hooks import validate_blocks
+from ..capture import validate_blocks
 from ..models import DiffusionModel
 from ..paths import atomic_path, atomic_write_json
 
@@ -132,7 +132,7 @@ def generate(
     (LCM, FLUX-dev) get ``guidance_scale`` there and run no CFG batch; an LCM's re-noising is seeded and paired
     across prompts like the starting noise.
     """
-    from ..hooks import image_stream_map
+    from ..capture import image_stream_map
     from ..sampling import denoise_loop
 
     cfg = (config or SampleConfig()).validate()

@@ -91,11 +91,39 @@ def sae_latent_words(study: BiasStudy, h: np.ndarray, word_map: WordMap, t_map: 
                      ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """A k-SAE on the caption-map images' pooled h (``h`` of :func:`named_directions`) and its ``n_latents`` most
     frequent latents named by ``word_map`` (:func:`name_sae_latents`; cached beside the study's store)."""
+    cfg = _h_sae_config(study, t_map, expansion, k, epochs, batch_size, seed)
+    return name_sae_latents(h, word_map, cfg, key=f"06-{study.store.path.name}", n_latents=n_latents)
+
+
+def _h_sae_config(study: BiasStudy, t_map: int, expansion: int, k: int, epochs: int, batch_size: int, seed: int):
     from .. import sae
 
-    cfg = sae.TrainConfig(sae=sae.SaeConfig(expansion_factor=expansion, k=k, hookpoint="mid_block", timestep=t_map,
-                                            model_id=study.model_id), batch_size=batch_size, epochs=epochs, seed=seed)
-    return name_sae_latents(h, word_map, cfg, key=f"06-{study.store.path.name}", n_latents=n_latents)
+    return sae.TrainConfig(sae=sae.SaeConfig(expansion_factor=expansion, k=k, hookpoint="mid_block", timestep=t_map,
+                                             model_id=study.model_id), batch_size=batch_size, epochs=epochs, seed=seed)
+
+
+def naming_vs_kind(study: BiasStudy, dataset, h: np.ndarray, sae_named: pd.DataFrame, t_map: int,
+                   expansion: int = 2, k: int = 8, epochs: int = 200, batch_size: int = 512, seed: int = 0
+                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Does a word that names an SAE latent (:func:`sae_latent_words`) say what the latent measurably tracks?
+
+    The same (cached) k-SAE on the caption-map images' pooled h gets a latent taxonomy
+    (:func:`revelio_nb.taxonomy.sae_taxonomy`) on those images, with the study's attributes measured on the images
+    themselves; each latent's top word is then checked against it (:func:`revelio_nb.taxonomy.compare_with_names`:
+    "left" agrees when the latent tracks facing, a class noun when the latent separates that class). The images are
+    the SAE's own training images (the caption maps' training split), not a held-out set. Returns (one row per
+    named latent, agreement per word target)."""
+    from .. import artifacts, sae, taxonomy
+
+    cfg = _h_sae_config(study, t_map, expansion, k, epochs, batch_size, seed)
+    model = sae.train_sae(np.asarray(h, np.float32), cfg, artifacts.array_sae_dir(
+        h, cfg, label=f"06-{study.store.path.name}"), progress=False)
+    labels, indices = taxonomy.store_image_rows(study.store)
+    values = taxonomy.attribute_table(dataset, indices, names=list(study.config.attributes))
+    tax = taxonomy.sae_taxonomy(model, np.asarray(h, np.float32), labels, values,
+                                class_names=list(dataset.class_names))
+    comparison = taxonomy.compare_with_names(sae_named, tax)
+    return comparison, taxonomy.naming_summary(comparison)
 
 
 def strip_panels(strips: dict[str, dict[float, Any]], nouns: Sequence[str], n_seeds: int, every: int = 3,

@@ -67,7 +67,7 @@ def caption_features(model: DiffusionModel, images: torch.Tensor, captions: Sequ
     rows. ``condition="caption"`` (each image's own caption as the prompt) is what a store cannot give.
     """
     from ..features import noise_for
-    from ..hooks import FeatureCapture
+    from ..capture import FeatureCapture
 
     cfg = (config or CaptionMapConfig()).validate()
     t = model.check_timestep(cfg.t)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__, artifacts
 from ..data import ImageDataset, load_dataset
-from ..hooks import FeatureCapture, validate_blocks
+from ..capture import FeatureCapture, validate_blocks
 from ..models import DiffusionModel, load_model
 from .microbatch import MicroBatch
 from .store import (STORE_DTYPES, FeatureStore, allocate_store, array_key, chunk_sha, open_for_writing, write_manifest,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from revelio_nb.hooks import BlockNotFoundError, FeatureCapture, list_blocks, tokens_to_grid
+from revelio_nb.capture import BlockNotFoundError, FeatureCapture, list_blocks, tokens_to_grid
 from revelio_nb.models import ModelLoadError, load_model
 
 

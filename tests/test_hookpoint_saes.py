@@ -1,7 +1,7 @@
 import pandas as pd
 import pytest
 
-from revelio_nb import hookpoints as hp
+from revelio_nb import hookpoint_saes as hp
 from revelio_nb import sae
 from revelio_nb.run_index import HookpointIndex
 
