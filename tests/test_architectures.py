@@ -468,7 +468,7 @@ def test_embedded_training_holds_a_lock_so_two_callers_train_once(monkeypatch):
 
     calls = []
 
-    def fake_train(name, spec, folder, progress):
+    def fake_train(name, spec, folder, progress, train_steps=None):
         calls.append(name)
         assert torch.is_grad_enabled()  # training never inherits the caller's no_grad
         time.sleep(0.3)

@@ -43,7 +43,7 @@ def setup(tmp_path_factory):
     ema = copy.deepcopy(teacher)
     training.train_denoiser(teacher, ema, lambda m, xt, t, c: m(xt, t, encoder_hidden_states=c).sample, images,
                             conds, null, sched.alphas_cumprod,
-                            training.TrainConfig(steps=150, batch_size=32, warmup_steps=10, ema_decay=0.9,
+                            training.DenoiserTrainConfig(steps=150, batch_size=32, warmup_steps=10, ema_decay=0.9,
                                                  checkpoint_every=1000), tmp_path_factory.mktemp("teacher"))
     return dict(teacher=ema.eval(), images=images, conds=conds, class_emb=class_emb, null=null, sched=sched)
 
