@@ -97,10 +97,10 @@ def test_distillation_is_deterministic_and_resumes_to_the_same_weights(setup, tm
         calls.append(1)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(DL, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(training, "_save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         _run(setup, CFG, tmp_path / "c")
-    monkeypatch.setattr(DL, "_save_checkpoint", real_save)
+    monkeypatch.setattr(training, "_save_checkpoint", real_save)
     assert training.read_checkpoint(tmp_path / "c")[1].step == 3
     resumed, st = _run(setup, CFG, tmp_path / "c")
     for (k, v), v2 in zip(ref.state_dict().items(), resumed.state_dict().values()):

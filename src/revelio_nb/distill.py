@@ -38,7 +38,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .paths import remove_stale_temporaries
-from .training import CHECKPOINT, TrainingError, TrainState, _load_checkpoint, _save_checkpoint, _step_generator
+from .training import CHECKPOINT, TrainState, _load_checkpoint, _step_generator, step_and_record
 
 SIGMA_DATA = 0.5  # LCMScheduler / LCD boundary-condition constants
 TIMESTEP_SCALING = 10.0
@@ -210,24 +210,8 @@ def distill_lcm(
         # the 1/sqrt(alpha-bar) amplification near t = 999 does not swamp the gradient of every other timestep
         weight = (a_s / (1 - a_s)).sqrt().clamp(max=1.0)
         loss = (weight * (((pred.float() - tgt.float()) ** 2 + cfg.huber_c**2).sqrt() - cfg.huber_c)).mean()
-        if not torch.isfinite(loss):
-            raise TrainingError(f"{desc}: loss became {loss.item()} at step {state.step}; last checkpoint kept in {work_dir}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-        opt.step()
-        with torch.no_grad():
-            for pe, pm in zip(target.parameters(), student.parameters()):
-                pe.lerp_(pm, 1 - cfg.ema_decay)
-        state.step += 1
-        state.losses.append(loss.item())
-        state.seconds = time.time() - t_start
-        bar.update(1)
-        if state.step % 10 == 0:
-            bar.set_postfix(loss=f"{np.mean(state.losses[-10:]):.4f}")
-        if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
-            _save_checkpoint(work_dir, student, target, opt, state)
+        step_and_record(loss, student, target, opt, state, cfg.grad_clip, cfg.ema_decay, t_start, bar, work_dir,
+                        cfg.checkpoint_every, cfg.steps, desc, log_every=10)
     bar.close()
     student.eval()
     target.eval()

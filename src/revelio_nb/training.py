@@ -112,6 +112,32 @@ def _optimizer_steps(tensors: dict[str, torch.Tensor]) -> set[int]:
     return {int(v.reshape(-1)[0].item()) for k, v in tensors.items() if k.startswith("opt.") and k.endswith(".step")}
 
 
+def step_and_record(loss: torch.Tensor, model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer,
+                    state: TrainState, grad_clip: float, ema_decay: float, t_start: float, bar, work_dir: Path,
+                    checkpoint_every: int, steps: int, desc: str, log_every: int = 20) -> None:
+    """The tail of one training step, shared by every trainer here (embedded models, consistency distillation):
+    a finite-loss check, backward, gradient clipping, the optimizer step, the EMA update at ``ema_decay``, the
+    step's bookkeeping and progress, and the checkpoint (the commit point) every ``checkpoint_every`` steps."""
+    if not torch.isfinite(loss):
+        raise TrainingError(f"{desc}: loss became {loss.item()} at step {state.step}; last checkpoint kept in {work_dir}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1 - ema_decay)
+    state.step += 1
+    state.losses.append(loss.item())
+    state.seconds = time.time() - t_start
+    bar.update(1)
+    if state.step % log_every == 0:
+        bar.set_postfix(loss=f"{np.mean(state.losses[-log_every:]):.4f}")
+    if state.step % checkpoint_every == 0 or state.step == steps:
+        _save_checkpoint(work_dir, model, ema, opt, state)
+
+
 def read_checkpoint(folder: str | Path) -> tuple[dict[str, torch.Tensor], TrainState] | None:
     """The tensors and state of the checkpoint in ``folder``, or None when there is none that can be trusted.
 
@@ -206,25 +232,9 @@ def train_denoiser(
         for group in opt.param_groups:
             group["lr"] = _lr_at(cfg, state.step)
         loss = (forward(model, x_t, t, cond) - noise).pow(2).mean()
-        if not torch.isfinite(loss):
-            raise TrainingError(f"{desc}: loss became {loss.item()} at step {state.step}; last checkpoint kept in {work_dir}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        with torch.no_grad():
-            decay = min(cfg.ema_decay, (1 + state.step) / (10 + state.step))
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
-        state.step += 1
-        state.losses.append(loss.item())
-        state.seconds = time.time() - t_start
-        bar.update(1)
-        if state.step % 20 == 0:
-            bar.set_postfix(loss=f"{np.mean(state.losses[-20:]):.4f}")
-        if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
-            _save_checkpoint(work_dir, model, ema, opt, state)
+        decay = min(cfg.ema_decay, (1 + state.step) / (10 + state.step))
+        step_and_record(loss, model, ema, opt, state, cfg.grad_clip, decay, t_start, bar, work_dir,
+                        cfg.checkpoint_every, cfg.steps, desc, log_every=20)
     bar.close()
     model.eval()
     ema.eval()
