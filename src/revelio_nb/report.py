@@ -204,7 +204,7 @@ def _purpose(path: Path) -> str:
 
     doc = (ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or "").strip()
     para = " ".join(doc.split("\n\n", 1)[0].split())
-    first = re.split(r"(?<!e\.g\.)(?<!i\.e\.)(?<=[.!?])\s", para, maxsplit=1)[0]
+    first = re.split(r"(?<!e\.g\.)(?<!i\.e\.)(?<! al\.)(?<=[.!?])\s", para, maxsplit=1)[0]
     if len(first) > 120 and ": " in first:  # a long sentence: its head (what comes before the details)
         first = first.split(": ", 1)[0]
     if len(first) > 140:
