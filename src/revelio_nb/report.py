@@ -114,7 +114,7 @@ def directions_markdown(run_dir: str | Path) -> str | None:
         n_sets = first["seed_set"].nunique() if "seed_set" in first else 1
         per_t = first.groupby("t", sort=True)[["top1", "top5"]].mean()
         cells = ", ".join(f"t={int(t)}: {100 * x.top1:.0f} % / {100 * x.top5:.0f} %" for t, x in per_t.iterrows())
-        out += ("\n\nImage-conditioning check (real test images noised to t retrieve their class's prompt latent "
+        out += ("\n\nImage-conditioning check (real test images noised to t retrieve their class's prompt h "
                 f"among {int(first.n_classes.iloc[0])} classes; top-1 / top-5, chance "
                 f"{100 * first.chance_top1.iloc[0]:.0f} % / {100 * first.chance_top5.iloc[0]:.0f} %"
                 f"{f', mean of {n_sets} seed sets' if n_sets > 1 else ''}): {cells}.")

@@ -66,7 +66,7 @@ class DiffusionModel:
     def fingerprint(self) -> str:
         """Everything that changes features: the weights of the denoiser, VAE and every text encoder, each
         tokenizer's vocabulary, the scheduler (class and config: betas, shift, prediction type) and the dtype.
-        The key of every cache that depends on the model (feature stores, SAEs, prompt latents); the same value as
+        The key of every cache that depends on the model (feature stores, SAEs, prompt h runs); the same value as
         :attr:`weights_hash`, the name the feature-store manifests use."""
         return self.weights_hash
 
