@@ -51,7 +51,8 @@ def demo_run(run_dir: str | os.PathLike, *, dataset: str = "animal-mnist", split
     import torch
 
     from revelio_nb.features import ExtractionConfig, extract_features
-    from revelio_nb.latents import latent_stats, load_or_compute
+    from revelio_nb.latent_store import load_or_compute
+    from revelio_nb.latents import latent_stats
     from revelio_nb.sae import SaeConfig, TrainConfig, train_sae
 
     run_dir = Path(run_dir).resolve()

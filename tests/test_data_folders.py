@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from revelio_nb import data
+from revelio_nb import data, image_folders
 
 
 def _save(path, array, mode=None):
@@ -147,7 +147,7 @@ def test_aspect_kept_not_stretched():
     """The crop keeps a circle round in a wide image (stretching would make it an ellipse)."""
     yy, xx = np.mgrid[:60, :120]
     circle = (((yy - 30) ** 2 + (xx - 60) ** 2) < 20 ** 2).astype(np.uint8) * 255
-    out = np.asarray(data._resize_shorter_side_crop(Image.fromarray(circle), 30))
+    out = np.asarray(image_folders.resize_shorter_side_crop(Image.fromarray(circle), 30))
     cols = (out > 127).any(0).sum()
     rows = (out > 127).any(1).sum()
     assert abs(int(cols) - int(rows)) <= 1 and 18 <= rows <= 22

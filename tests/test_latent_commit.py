@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from revelio_nb import hookpoint_saes as hp
-from revelio_nb.latents import LatentStats, LatentStatsError, is_committed
+from revelio_nb.latent_store import LatentStats, LatentStatsError, is_committed
 
 RUN_SRC = """
 from revelio_nb import hookpoint_saes as hp, sae

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from revelio_nb.latents import LatentStats, auroc_from_entries, label_summary, latent_stats, plot_top_images
+from revelio_nb.latent_store import LatentStats
+from revelio_nb.latents import auroc_from_entries, label_summary, latent_stats, plot_top_images
 from revelio_nb.sae import ArraySource, SaeConfig, SparseAutoencoder
 
 

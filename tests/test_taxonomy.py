@@ -10,7 +10,7 @@ import torch
 from scipy.stats import rankdata, spearmanr
 
 from revelio_nb import taxonomy as T
-from revelio_nb.latents import ImageScores
+from revelio_nb.latent_store import ImageScores
 from revelio_nb.sae import SaeConfig, SparseAutoencoder
 
 

@@ -16,7 +16,7 @@ import torch
 from demo_run import demo_run
 from revelio_nb import browse
 from revelio_nb.browse import BrowserError, LatentBrowser, gallery, sort_latents
-from revelio_nb.latents import LatentStats
+from revelio_nb.latent_store import LatentStats
 from revelio_nb.run_index import HookpointIndex, RunIndexError
 
 

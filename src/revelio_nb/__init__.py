@@ -32,7 +32,7 @@ _PUBLIC: dict[str, str] = {
     # k-SAEs and what their latents encode
     "SaeConfig": "sae", "TrainConfig": "sae", "SparseAutoencoder": "sae", "train_sae": "sae", "evaluate_sae": "sae",
     "HookpointRun": "hookpoint_saes", "train_hookpoints": "hookpoint_saes",
-    "latent_stats": "latents", "LatentStats": "latents",
+    "latent_stats": "latents", "LatentStats": "latent_store",
     "TaxonomyConfig": "taxonomy", "latent_taxonomy": "taxonomy", "sae_taxonomy": "taxonomy",
     "HookpointIndex": "run_index",
     "browse": "browse",
@@ -46,9 +46,10 @@ _PUBLIC: dict[str, str] = {
     # runs and results
     "cache_dir": "paths", "results_dir": "paths",
 }
-_SUBMODULES = ("artifacts", "attributes", "browse", "captions", "capture", "data", "directions", "distill",
-               "distributed", "encoders", "features", "hookpoint_saes", "latents", "models", "optional", "paths",
-               "plots", "probes", "regime", "report", "run_index", "runner", "sae", "sampling", "taxonomy", "training")
+_SUBMODULES = ("artifacts", "attributes", "browse", "captions", "capture", "data", "dataset_errors", "directions",
+               "distill", "distributed", "encoders", "features", "hookpoint_saes", "image_folders", "latent_store",
+               "latents", "models", "optional", "paths", "plots", "probes", "regime", "report", "run_index", "runner",
+               "sae", "sampling", "taxonomy", "training")
 
 __all__ = sorted(_PUBLIC) + ["__version__"]
 

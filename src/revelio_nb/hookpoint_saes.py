@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from . import artifacts, features, latents, sae
+from . import artifacts, features, latent_store, latents, sae
 from .data import ImageDataset, load_dataset
 from .models import DiffusionModel, load_model
 from .run_index import HookpointIndex
@@ -84,7 +84,7 @@ def train_hookpoint(run: HookpointRun, block: str, t: int, model: DiffusionModel
     eval_features = eval_store.array(block, t)
     metrics = sae.evaluate_sae(model_sae, eval_features)
     lat_dir = artifacts.latents_dir(sae_dir, eval_store, run.top_n)
-    stats = latents.load_or_compute(  # only committed, intact statistics count as computed
+    stats = latent_store.load_or_compute(  # only committed, intact statistics count as computed
         lat_dir, lambda: latents.latent_stats(model_sae, eval_features, eval_store.labels, top_n=run.top_n,
                                               image_index=eval_store.indices, class_names=eval_store.class_names,
                                               progress=progress))
@@ -117,7 +117,7 @@ def taxonomy_dir(run: HookpointRun, lat_dir):
 
 
 def hookpoint_taxonomy(run: HookpointRun, model_sae, eval_store, eval_features, dataset, lat_dir,
-                       scores: latents.ImageScores | None = None) -> dict:
+                       scores: latent_store.ImageScores | None = None) -> dict:
     """Compute (or load) the taxonomy of one hookpoint's SAE on the eval split; the index columns it adds.
 
     ``scores``: the sparse image scores of the latent-statistics pass when it kept them

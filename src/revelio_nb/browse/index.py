@@ -20,7 +20,7 @@ from .embedding import embedding_points, open_store
 from .errors import BrowserError
 
 if TYPE_CHECKING:  # pragma: no cover - types only
-    from ..latents import FiringLists
+    from ..latent_store import FiringLists
 
 SORTS: dict[str, tuple[str, bool]] = {  # label -> (table column, descending)
     "frequency": ("freq_images", True),
@@ -193,7 +193,7 @@ def load_hookpoint(row: dict | pd.Series, embedding: str = "pca", seed: int = 0,
     them (:meth:`revelio_nb.run_index.HookpointIndex.read` already checks the rows it returns). The row's
     ``dataset`` must be the one its store was extracted from.
     """
-    from ..latents import LatentStats, LatentStatsError
+    from ..latent_store import LatentStats, LatentStatsError
 
     row = dict(row)
     label = str(row["hookpoint"])

@@ -1,6 +1,6 @@
 """Automatic latent taxonomy: what kind of thing each SAE latent tracks, measured on held-out images.
 
-For every latent of a k-SAE, from its **sparse code** (post-TopK image scores, :class:`latents.ImageScores`: the
+For every latent of a k-SAE, from its **sparse code** (post-TopK image scores, :class:`latent_store.ImageScores`: the
 activation for pooled SAEs, the maximum over positions for spatial ones; 0 where it does not fire) on the
 held-out split:
 

@@ -11,7 +11,7 @@ import pandas as pd
 
 from .. import artifacts
 from .. import attributes as attrs_mod
-from ..latents import ImageScores
+from ..latent_store import ImageScores
 from ..paths import atomic_write_json, atomic_write_text
 from .config import KINDS, Taxonomy, TaxonomyConfig, TaxonomyError
 from .scores import (

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..latents import ImageScores, _segment_positions, auroc_from_entries
+from ..latent_store import ImageScores
+from ..latents import _segment_positions, auroc_from_entries
 from .config import TaxonomyConfig, TaxonomyError
 
 
