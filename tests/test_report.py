@@ -94,3 +94,47 @@ def test_taxonomy_paragraph_and_table_come_from_notebook_07_tables(tmp_path):
     assert "Claim 'last up-block: colour / texture' at t=25: does not hold" in md
     assert "| mid_block @ 25 | 100 | 20% | 20% | 20% | 20% | 20% | 61% |" in md
     assert "| up_blocks.2 @ 25 | 100 |" in md and md.count("n/a |") == 2
+
+
+def test_readme_parts_a_partial_run_updates_only_what_it_made(tmp_path, capsys):
+    import json
+
+    full = tmp_path / "full"
+    _tables(full)
+    (full / ".runner").mkdir()
+    (full / ".runner" / "06_dd.ipynb.json").write_text(json.dumps({"finished": "2026-12-01 10:00", "profile": "full"}))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"top\n{report.START}\nintro line\n{report.END}\nbottom\n")
+    assert report.main(["--run", str(full), "--readme", str(readme)]) == 0
+    first = readme.read_text()
+    for part in ("probes", "directions", "timings"):
+        start, end = report.part_markers(part)
+        assert first.count(start) == 1 and first.index(start) < first.index(end)
+    assert "*From `results/full/tables/` (notebook 06, finished 2026-12-01 10:00, full profile).*" in first
+    assert "intro line" in first and first.startswith("top\n") and first.endswith("bottom\n")
+    assert report.part_markers("comparisons")[0] not in first  # no comparison table in this run
+
+    # a later run with only new probe numbers and timings: directions keep the first run's text, byte for byte
+    part = tmp_path / "part"
+    (part / "tables").mkdir(parents=True)
+    pd.DataFrame([{"features": "diffusion (trained)", "method": "linear", "block": "mid_block", "t": 25,
+                   "val_acc": 0.9, "test": "91.0 ± 0.0", "n_seeds": 1}]).to_csv(part / "tables" / "probe_summary.csv",
+                                                                                 index=False)
+    pd.DataFrame([{"notebook": "04_p.ipynb", "seconds": 30.0, "status": "ok", "profile": "full"}]).to_csv(
+        part / "tables" / "timings.csv", index=False)
+    pd.DataFrame([{"notebook": "04_p.ipynb", "cell": 3, "seconds": 25.5, "code": "fit_probes(cfg)"}]).to_csv(
+        part / "tables" / "cell_timings.csv", index=False)
+    assert report.main(["--run", str(part), "--readme", str(readme)]) == 0
+    assert "kept from earlier runs: directions" in capsys.readouterr().out
+    second = readme.read_text()
+
+    def between(text, p):
+        s, e = report.part_markers(p)
+        return text.split(s, 1)[1].split(e, 1)[0]
+
+    assert between(second, "directions") == between(first, "directions")
+    assert "91.0 ± 0.0" in between(second, "probes") and "96.7 ± 0.2" not in second
+    assert "04 30 s; total 0.5 min" in between(second, "timings") and "00 60 s" not in second
+    assert "25.5 s 100.0 %  04_p.ipynb cell 3: fit_probes(cfg)" in between(second, "timings")
+    with pytest.raises(ValueError, match="unknown results part 'tables'"):
+        report.part_markers("tables")

@@ -1,17 +1,22 @@
 """The short results section of a run, built from its tables (never typed by hand).
 
     python -m revelio_nb.report --run default                  # print it
-    python -m revelio_nb.report --run default --readme README.md   # replace the README's results section
+    python -m revelio_nb.report --run default --readme README.md   # replace the parts of the README's results
+                                                                   # section this run has tables for
 
 Sources: ``tables/probe_summary.csv`` and ``comparison_summary.csv`` (notebooks 04 / 05, via
 :func:`results_markdown`; table and column names from :mod:`revelio_nb.probes.columns`), ``06_summary.csv`` and ``06_retrieval.csv`` (notebook 06), ``07_taxonomy_*.csv`` (notebook
 07, via :func:`revelio_nb.taxonomy.finding_paragraph`) and ``timings.csv`` (runner).
-The README section sits between ``<!-- results:start -->`` and ``<!-- results:end -->``.
+The README section sits between ``<!-- results:start -->`` and ``<!-- results:end -->``, made of parts (probes,
+comparisons, directions, taxonomy, timings), each between its own ``<!-- results:<part>:start/end -->`` markers and
+opening with where it came from (run, notebook, when it finished). ``--readme`` replaces the parts this run has
+tables for and keeps the others as they are, so a run of some notebooks updates what it made and nothing else.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -49,13 +54,16 @@ def _with_ci(r: pd.Series, rho: str, low: str, high: str) -> str:
     return _fmt(r[rho])
 
 
-def results_markdown(run_dir: str | Path) -> str:
-    """The README's short results table, built from ``<run_dir>/tables/probe_summary.csv`` (notebook 04; per
-    features and probe, the cell best on validation) and ``comparison_summary.csv`` (notebook 05)."""
+def results_markdown(run_dir: str | Path, only: str | None = None) -> str:
+    """The README's short results tables, built from ``<run_dir>/tables/probe_summary.csv`` (notebook 04; per
+    features and probe, the cell best on validation) and ``comparison_summary.csv`` (notebook 05); ``only``:
+    ``"probes"`` or ``"comparisons"`` for one of the two."""
+    if only not in (None, "probes", "comparisons"):
+        raise ValueError(f"only={only!r}; valid: None, 'probes', 'comparisons'")
     tables = Path(run_dir) / "tables"
     parts = []
     p4 = tables / f"{C.PROBE_SUMMARY}.csv"
-    if p4.is_file():
+    if p4.is_file() and only in (None, "probes"):
         df = best_by_validation(pd.read_csv(p4))
         with_ds = C.DATASET in df.columns
         if with_ds:  # dataset by dataset, in the order they first appear
@@ -70,7 +78,7 @@ def results_markdown(run_dir: str | Path) -> str:
                          + f"| {r[C.FEATURES]} | {r[C.METHOD]} | {cell} | {r[C.TEST]} | {int(r[C.N_SEEDS])} |")
         parts.append("\n".join(lines))
     p5 = tables / f"{C.COMPARISON_SUMMARY}.csv"
-    if p5.is_file():
+    if p5.is_file() and only in (None, "comparisons"):
         df = pd.read_csv(p5)
         lines = ["| comparison | model | train steps | probed on | best block @ t | linear (%) | Diff-C (%) |",
                  "|---|---|---|---|---|---|---|"]
@@ -150,37 +158,111 @@ def timings_markdown(run_dir: str | Path) -> str | None:
         return None
     df = pd.read_csv(path)
     cells = ", ".join(f"{r.notebook.split('_')[0]} {r.seconds:.0f} s" for r in df.itertuples())
-    return f"Notebook wall times ({df['profile'].iloc[0]} profile): {cells}; total {df['seconds'].sum() / 60:.1f} min."
+    out = f"Notebook wall times ({df['profile'].iloc[0]} profile): {cells}; total {df['seconds'].sum() / 60:.1f} min."
+    cell_path = Path(run_dir) / "tables" / "cell_timings.csv"
+    if cell_path.is_file():
+        from .cell_timings import slowest
+
+        top = slowest(pd.read_csv(cell_path), n=5)
+        if top:
+            out += " Slowest cells (`tables/cell_timings.csv`):\n\n" + "\n".join(f"    {line.strip()}" for line in top)
+    return out
+
+
+# the README results section's parts: name -> (the notebook whose run made it, its builder)
+PARTS = ("probes", "comparisons", "directions", "taxonomy", "timings")
+PART_NOTEBOOK = {"probes": "04", "comparisons": "05", "directions": "06", "taxonomy": "07", "timings": None}
+
+
+def part_markers(part: str) -> tuple[str, str]:
+    if part not in PARTS:
+        raise ValueError(f"unknown results part {part!r}; valid: {list(PARTS)}")
+    return f"<!-- results:{part}:start -->", f"<!-- results:{part}:end -->"
+
+
+def _finished(run_dir: Path, number: str | None) -> str:
+    """' (notebook NN, finished <date>, <profile> profile)' from the runner's completion markers."""
+    from .runner import STATE_DIR
+
+    markers = sorted((run_dir / STATE_DIR).glob(f"{number or ''}*.json"))
+    if not markers:
+        return ""
+    try:
+        info = [json.loads(m.read_text()) for m in markers]
+    except (OSError, ValueError):
+        return ""
+    when = max(str(i.get("finished", "?")) for i in info)
+    profile = info[-1].get("profile", "?")
+    return f" (notebook {number}, finished {when}, {profile} profile)" if number else \
+        f" (last notebook finished {when}, {profile} profile)"
+
+
+def _probe_part(run_dir: Path, which: str) -> str | None:
+    tables = run_dir / "tables"
+    name = C.PROBE_SUMMARY if which == "probes" else C.COMPARISON_SUMMARY
+    if not (tables / f"{name}.csv").is_file():
+        return None
+    return results_markdown(run_dir, only=which).strip()
+
+
+def run_parts(run_dir: str | Path) -> dict[str, str]:
+    """The results parts this run has tables for, each opening with where it came from."""
+    run_dir = Path(run_dir)
+    built = {"probes": _probe_part(run_dir, "probes"), "comparisons": _probe_part(run_dir, "comparisons"),
+             "directions": _directions_part(run_dir), "taxonomy": taxonomy_markdown(run_dir),
+             "timings": timings_markdown(run_dir)}
+    out = {}
+    for part in PARTS:
+        if built[part]:
+            source = f"*From `results/{run_dir.name}/tables/`{_finished(run_dir, PART_NOTEBOOK[part])}.*"
+            out[part] = f"{source}\n\n{built[part]}"
+    return out
 
 
 def run_markdown(run_dir: str | Path) -> str:
-    """Every results table the run has, with a line saying where it came from."""
+    """Every results part the run has, after a line saying how it was generated (the run's RESULTS.md)."""
     run_dir = Path(run_dir)
-    parts = [f"Generated by `python -m revelio_nb.report --run {run_dir.name}` from `results/{run_dir.name}/tables/`."]
-    try:
-        parts.append(results_markdown(run_dir).strip())
-    except FileNotFoundError:
-        pass
+    parts = run_parts(run_dir)
+    if not parts:
+        raise FileNotFoundError(f"no result tables in {run_dir / 'tables'}; run the notebooks first")
+    head = f"Generated by `python -m revelio_nb.report --run {run_dir.name}` from `results/{run_dir.name}/tables/`."
+    return "\n\n".join([head, *parts.values()]) + "\n"
+
+
+def update_readme_results(text: str, run_dir: str | Path) -> tuple[str, list[str], list[str]]:
+    """``text`` (a README) with the results parts of this run replaced (or added before the section's end when the
+    README lacks their markers); parts the run has no tables for are kept. Returns (text, updated, kept)."""
+    run_dir = Path(run_dir)
+    parts = run_parts(run_dir)
+    if not parts:
+        raise FileNotFoundError(f"no result tables in {run_dir / 'tables'}; run the notebooks first")
+    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
+        raise ValueError(f"the README needs exactly one {START} ... {END} pair, in that order")
+    head, rest = text.split(START, 1)
+    section, tail = rest.split(END, 1)
+    for part, md in parts.items():
+        start, end = part_markers(part)
+        if start in section:
+            section = replace_section(section, md, (start, end))
+        else:
+            section = f"{section.rstrip()}\n\n{start}\n{md.strip()}\n{end}\n"
+    kept = [p for p in PARTS if p not in parts and part_markers(p)[0] in section]
+    return f"{head}{START}{section}{END}{tail}", list(parts), kept
+
+
+def _directions_part(run_dir: Path) -> str | None:
     d = directions_markdown(run_dir)
     if d:
-        parts.append("Decoding Diffusion (notebook 06): Spearman rho across the 10 classes between each attribute's "
-                     "bias score and its rate in the training captions. Score = neutral-prompt h (neutral pass, "
-                     "flattened, at the caption maps' timesteps) projected on caption-map word axes; each seed set "
-                     "is an independent set of paired seeds, with a bootstrap 90 % interval over its seeds; worst "
-                     "set = the lowest of them; all sets = every seed at once; text encoder = the paper's prompt-pair "
-                     "axes on the frozen text encoder's embeddings; steering = the attribute measured on images "
-                     "generated with the attribute axis added to h (rho over all images, and paired: each image "
-                     "against its unsteered twin). One row per model (training seed) and sampler (DDIM, and LCM for the "
-                     "consistency-distilled model).\n\n" + d)
-    tx = taxonomy_markdown(run_dir)
-    if tx:
-        parts.append(tx)
-    t = timings_markdown(run_dir)
-    if t:
-        parts.append(t)
-    if len(parts) == 1:
-        raise FileNotFoundError(f"no result tables in {run_dir / 'tables'}; run the notebooks first")
-    return "\n\n".join(parts) + "\n"
+        return ("Decoding Diffusion (notebook 06): Spearman rho across the 10 classes between each attribute's "
+                "bias score and its rate in the training captions. Score = neutral-prompt h (neutral pass, "
+                "flattened, at the caption maps' timesteps) projected on caption-map word axes; each seed set "
+                "is an independent set of paired seeds, with a bootstrap 90 % interval over its seeds; worst "
+                "set = the lowest of them; all sets = every seed at once; text encoder = the paper's prompt-pair "
+                "axes on the frozen text encoder's embeddings; steering = the attribute measured on images "
+                "generated with the attribute axis added to h (rho over all images, and paired: each image "
+                "against its unsteered twin). One row per model (training seed) and sampler (DDIM, and LCM for the "
+                "consistency-distilled model).\n\n" + d)
+    return None
 
 
 def replace_section(text: str, section: str, markers: tuple[str, str] = (START, END)) -> str:
@@ -248,13 +330,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"updated the package layout of {readme}")
         return 0
     try:
-        section = run_markdown(results_dir(a.run))
+        run = results_dir(a.run)
         if a.readme:
             readme = Path(a.readme)
-            atomic_write_text(readme, replace_section(readme.read_text(encoding="utf-8"), section))
-            print(f"updated the results section of {readme}")
+            text, updated, kept = update_readme_results(readme.read_text(encoding="utf-8"), run)
+            atomic_write_text(readme, text)
+            print(f"updated the results of {readme}: {', '.join(updated)}"
+                  + (f"; kept from earlier runs: {', '.join(kept)}" if kept else ""))
         else:
-            print(section)
+            print(run_markdown(run))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
