@@ -48,8 +48,8 @@ _PUBLIC: dict[str, str] = {
 }
 _SUBMODULES = ("artifacts", "attributes", "browse", "captions", "capture", "data", "dataset_errors", "directions",
                "distill", "distributed", "encoders", "features", "hookpoint_saes", "image_folders", "latent_store",
-               "latents", "models", "optional", "paths", "plots", "probes", "regime", "report", "run_index", "runner",
-               "sae", "sampling", "taxonomy", "training")
+               "latents", "models", "optional", "paths", "plots", "probes", "regime", "report", "run_index",
+               "run_markers", "run_plan", "run_progress", "runner", "sae", "sampling", "taxonomy", "training")
 
 __all__ = sorted(_PUBLIC) + ["__version__"]
 
@@ -71,6 +71,6 @@ def __dir__() -> list[str]:
 
 
 if _os.environ.get("REVELIO_PROGRESS") == "text":  # set by the runner for its headless kernels: text progress bars
-    from .runner import use_text_progress as _use_text_progress
+    from .run_progress import use_text_progress as _use_text_progress
 
     _use_text_progress()
