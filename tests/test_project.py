@@ -92,3 +92,17 @@ def test_public_api_resolves_lazily():
     assert rv.TrainConfig is TrainConfig and rv.sae.TrainConfig is TrainConfig
     with __import__("pytest").raises(AttributeError, match="no attribute 'nope'"):
         rv.nope  # noqa: B018
+
+
+def test_package_data_ships_every_non_python_file():
+    """The static page's template, style and script (``browse/static/``) and any other non-Python file of the
+    package match a [tool.setuptools.package-data] pattern, so a wheel carries them, not only an editable install."""
+    tomllib = pytest.importorskip("tomllib")
+    package = REPO / "src" / "revelio_nb"
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["revelio_nb"]
+    shipped = {p for pattern in patterns for p in package.glob(pattern) if p.is_file()}
+    data = {p for p in package.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc")
+            and "__pycache__" not in p.parts}
+    assert {p.relative_to(package).as_posix() for p in data - shipped} == set()
+    assert {"browse/static/page.css", "browse/static/page.js", "browse/static/page.html"} <= {
+        p.relative_to(package).as_posix() for p in shipped}
