@@ -50,21 +50,6 @@ def peak_rss_mb() -> float:
 # ------------------------------------------------------------------------------------------ building
 
 
-def _clip_tokenizer(folder: Path, max_length: int = 77):
-    from transformers import CLIPTokenizer
-
-    chars = list("abcdefghijklmnopqrstuvwxyz0123456789")
-    vocab = {}
-    for tok in ["!", *chars, *[c + "</w>" for c in chars]]:
-        vocab.setdefault(tok, len(vocab))
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
-
-
 def _clip(tok, hidden, layers, heads, inter, proj=None, vocab=49408):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -82,7 +67,10 @@ def build(family: str, folder: Path, dtype: torch.dtype, tiny: bool) -> None:
 
     torch.manual_seed(0)
     torch.set_default_dtype(dtype)  # parameters are created in the target dtype: no fp32 copy of a 2B model
-    tok = _clip_tokenizer(folder / "_vocab")
+    sys.path.insert(0, str(ROOT / "tests"))  # the tiny CLIP tokenizer is the tests' own (tests/tiny_models.py)
+    from tiny_models import tiny_clip_tokenizer
+
+    tok = tiny_clip_tokenizer(folder / "_vocab", max_length=77, chars="abcdefghijklmnopqrstuvwxyz0123456789")
     vae_ch = (8, 8, 8, 8) if tiny else (128, 256, 512, 512)
     index = {}
     if family == "sd15":

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tiny_models import tiny_clip_tokenizer
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -80,29 +82,13 @@ def save_tiny_dit(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def _tiny_clip_tokenizer(folder: Path):
-    """A CLIPTokenizer built offline from a tiny character-level vocabulary."""
-    from transformers import CLIPTokenizer
-
-    chars = list("abcdefghijklmnopqrstuvwxyz")
-    vocab = {}
-    for tok in ["!", *chars, *[c + "</w>" for c in chars]]:
-        vocab.setdefault(tok, len(vocab))
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
-
-
 def save_tiny_sd(folder: Path, seed: int = 0) -> Path:
     """A Stable-Diffusion-shaped pipeline folder: UNet2DConditionModel + AutoencoderKL + CLIP text encoder."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    tok = _tiny_clip_tokenizer(folder / "_vocab")
+    tok = tiny_clip_tokenizer(folder / "_vocab", chars="abcdefghijklmnopqrstuvwxyz")
     tok.save_pretrained(folder / "tokenizer")
     text = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,

@@ -152,7 +152,7 @@ def test_distilled_student_with_4_lcm_steps_is_closer_to_the_teacher_ddim_sample
 
 
 def test_embedded_lcm_entry_keys_on_its_recipe_and_its_teacher_and_leaves_other_keys_alone():
-    from revelio_nb.models import embedded as E
+    from revelio_nb.models import embedded_specs as E
 
     spec = E.EMBEDDED_MODELS["animals-unet-text-lcm"]
     assert spec.teacher == "animals-unet-text" and spec.distill is not None

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from revelio_nb import runner
+from revelio_nb import run_plan, runner
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -45,13 +45,13 @@ def test_environment_yml_pins_match_requirements():
 
 def test_runner_selection_and_profiles(tmp_path):
     nb_dir = REPO / "notebooks"
-    assert [p.name for p in runner.find_notebooks(nb_dir, ["01"])] == ["01_extract_features.ipynb"]
+    assert [p.name for p in run_plan.find_notebooks(nb_dir, ["01"])] == ["01_extract_features.ipynb"]
     with pytest.raises(ValueError, match="available"):
-        runner.find_notebooks(nb_dir, ["42"])
-    assert runner.profile_parameters(nb_dir, "full", "01_extract_features.ipynb") == {}
-    assert runner.profile_parameters(nb_dir, "smoke", "01_extract_features.ipynb")["max_images"] > 0
+        run_plan.find_notebooks(nb_dir, ["42"])
+    assert run_plan.profile_parameters(nb_dir, "full", "01_extract_features.ipynb") == {}
+    assert run_plan.profile_parameters(nb_dir, "smoke", "01_extract_features.ipynb")["max_images"] > 0
     with pytest.raises(ValueError, match="choices: \\['full', 'smoke'"):
-        runner.profile_parameters(nb_dir, "tiny", "01_extract_features.ipynb")
+        run_plan.profile_parameters(nb_dir, "tiny", "01_extract_features.ipynb")
 
 
 def test_runner_executes_and_times(tmp_path):
@@ -92,3 +92,17 @@ def test_public_api_resolves_lazily():
     assert rv.TrainConfig is TrainConfig and rv.sae.TrainConfig is TrainConfig
     with __import__("pytest").raises(AttributeError, match="no attribute 'nope'"):
         rv.nope  # noqa: B018
+
+
+def test_package_data_ships_every_non_python_file():
+    """The static page's template, style and script (``browse/static/``) and any other non-Python file of the
+    package match a [tool.setuptools.package-data] pattern, so a wheel carries them, not only an editable install."""
+    tomllib = pytest.importorskip("tomllib")
+    package = REPO / "src" / "revelio_nb"
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["revelio_nb"]
+    shipped = {p for pattern in patterns for p in package.glob(pattern) if p.is_file()}
+    data = {p for p in package.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc")
+            and "__pycache__" not in p.parts}
+    assert {p.relative_to(package).as_posix() for p in data - shipped} == set()
+    assert {"browse/static/page.css", "browse/static/page.js", "browse/static/page.html"} <= {
+        p.relative_to(package).as_posix() for p in shipped}

@@ -13,7 +13,7 @@ import nbformat
 import numpy as np
 import pytest
 
-from revelio_nb import runner
+from revelio_nb import run_markers, run_plan, run_progress, runner
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -37,17 +37,17 @@ def _notebooks(folder: Path) -> Path:
 
 def test_smoke_profile_keys_are_declared_by_their_notebooks():
     nb_dir = REPO / "notebooks"
-    runner.check_profile(nb_dir, "smoke")  # raises ParameterError naming any undeclared key
+    run_plan.check_profile(nb_dir, "smoke")  # raises ParameterError naming any undeclared key
     # parsed with ast: a comment holding '=' (which papermill's line parser skips) still declares its parameter
-    assert "sweep_max_images" in runner.declared_parameters(nb_dir / "04_transfer_probes.ipynb")
+    assert "sweep_max_images" in run_plan.declared_parameters(nb_dir / "04_transfer_probes.ipynb")
 
 
 def test_bad_profile_key_is_an_error(tmp_path):
     nbs = _notebooks(tmp_path / "nbs")
     (nbs / "tiny.yaml").write_text("00_loop.ipynb: {stepz: 3}\n")
-    with pytest.raises(runner.ParameterError, match=r"(?s)'stepz' for 00_loop.ipynb.*did you mean 'steps'"):
-        runner.check_profile(nbs, "tiny")
-    with pytest.raises(runner.ParameterError, match="stepz"):
+    with pytest.raises(run_plan.ParameterError, match=r"(?s)'stepz' for 00_loop.ipynb.*did you mean 'steps'"):
+        run_plan.check_profile(nbs, "tiny")
+    with pytest.raises(run_plan.ParameterError, match="stepz"):
         runner.run_notebooks(runner.RunConfig(run=str(tmp_path / "out"), profile="tiny", notebooks_dir=nbs))
     assert not (tmp_path / "out").exists()
 
@@ -60,16 +60,16 @@ def test_unknown_parameter_is_an_error_before_anything_runs(tmp_path, capsys):
     assert rc == 1 and "'valeu' (given with -p) is declared by no selected notebook; did you mean 'value'?" in err
     assert "other, run_dir, steps, value" in err  # the declared parameters are listed
     assert not (tmp_path / "out").exists()  # nothing ran, nothing was created
-    with pytest.raises(runner.ParameterError, match="'value'"):  # declared by 00 only, and 00 is not selected
+    with pytest.raises(run_plan.ParameterError, match="'value'"):  # declared by 00 only, and 00 is not selected
         runner.run_notebooks(runner.RunConfig(run=str(tmp_path / "out"), notebooks_dir=nbs, only=["01"],
                                               extra_parameters={"value": 3}))
 
 
 def test_shared_parameters_go_to_the_notebooks_declaring_them(tmp_path):
     nbs = _notebooks(tmp_path / "nbs")
-    nb = runner.find_notebooks(nbs)
-    plan = runner.plan_parameters(nb, {"_all": {"other": 5}, "00_loop.ipynb": {"steps": 3}}, {"value": 7},
-                                  run_dir="/r")
+    nb = run_plan.find_notebooks(nbs)
+    plan = run_plan.plan_parameters(nb, {"_all": {"other": 5}, "00_loop.ipynb": {"steps": 3}}, {"value": 7},
+                                    run_dir="/r")
     assert plan == {"00_loop.ipynb": {"run_dir": "/r", "steps": 3, "value": 7},
                     "01_other.ipynb": {"run_dir": "/r", "other": 5}}
 
@@ -79,7 +79,7 @@ def test_shared_parameters_go_to_the_notebooks_declaring_them(tmp_path):
 
 def test_progress_printer_condenses_bars():
     out, now = io.StringIO(), [0.0]
-    p = runner.ProgressPrinter(out, prefix="> ", interval=10.0, clock=lambda: now[0])
+    p = run_progress.ProgressPrinter(out, prefix="> ", interval=10.0, clock=lambda: now[0])
     for step in range(0, 101):
         now[0] = step * 0.5  # 50 s of updates, one every 0.5 s
         p.feed("stderr", f"\rtrain unet: {step:3d}%|#| {step}/100 [00:{step:02d}<00:10]")
@@ -180,7 +180,7 @@ def test_interrupted_run_keeps_the_complete_outputs_and_reruns(tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         runner.run_notebooks(runner.RunConfig(**{**cfg.__dict__, "force": True}))
     assert "complete" in final.read_text()  # the complete copy is intact ...
-    assert not (out / runner.STATE_DIR / "01_other.ipynb.json").exists()  # ... but no longer marked complete
+    assert not (out / run_markers.STATE_DIR / "01_other.ipynb.json").exists()  # ... but no longer marked complete
     _fake_papermill(monkeypatch, complete)
     table = runner.run_notebooks(cfg)  # the same command again: redone, not skipped
     assert len(calls) == 2 and table.status.tolist() == ["ok"]
@@ -195,7 +195,7 @@ def test_run_outputs_are_written_atomically(tmp_path, monkeypatch):
     _fake_papermill(monkeypatch, lambda path, params: _write_nb(path, "ok"))
     runner.run_notebooks(runner.RunConfig(run=str(tmp_path / "out"), notebooks_dir=nbs, stream=io.StringIO()))
     assert "timings.csv" in written and "RESULTS.md" in written
-    marker = json.loads((tmp_path / "out" / runner.STATE_DIR / "00_loop.ipynb.json").read_text())
+    marker = json.loads((tmp_path / "out" / run_markers.STATE_DIR / "00_loop.ipynb.json").read_text())
     assert marker["parameters"] == {"run_dir": str((tmp_path / "out").resolve())} and len(marker["key"]) == 20
 
 

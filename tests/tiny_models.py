@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -20,12 +21,13 @@ def _index(folder: Path, cls: str, **components: tuple[str, str]) -> None:
     (folder / "model_index.json").write_text(json.dumps({"_class_name": cls, **{k: list(v) for k, v in components.items()}}))
 
 
-def tiny_clip_tokenizer(folder: Path, max_length: int = 16):
-    """A CLIPTokenizer built offline from a tiny character-level vocabulary."""
+def tiny_clip_tokenizer(folder: Path, max_length: int = 16, chars: Sequence[str] = CHARS):
+    """A CLIPTokenizer built offline from a tiny character-level vocabulary (``chars``, each also as a word end)."""
     from transformers import CLIPTokenizer
 
+    chars = list(chars)
     vocab = {}
-    for tok in ["!", *CHARS, *[c + "</w>" for c in CHARS]]:
+    for tok in ["!", *chars, *[c + "</w>" for c in chars]]:
         vocab.setdefault(tok, len(vocab))
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)

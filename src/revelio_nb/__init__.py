@@ -47,9 +47,10 @@ _PUBLIC: dict[str, str] = {
     "cache_dir": "paths", "results_dir": "paths",
 }
 _SUBMODULES = ("artifacts", "attributes", "browse", "captions", "capture", "data", "dataset_errors", "directions",
-               "distill", "distributed", "encoders", "features", "hookpoint_saes", "image_folders", "latent_store",
-               "latents", "models", "optional", "paths", "plots", "probes", "regime", "report", "run_index", "runner",
-               "sae", "sampling", "taxonomy", "training")
+               "distill", "distributed", "encoders", "features", "hookpoint_saes", "image_arrays", "image_folders",
+               "latent_store", "latents", "models", "optional", "paths", "plots", "probes", "regime", "report",
+               "run_index", "run_markers", "run_plan", "run_progress", "runner", "sae", "sampling", "taxonomy",
+               "training")
 
 __all__ = sorted(_PUBLIC) + ["__version__"]
 
@@ -71,6 +72,6 @@ def __dir__() -> list[str]:
 
 
 if _os.environ.get("REVELIO_PROGRESS") == "text":  # set by the runner for its headless kernels: text progress bars
-    from .runner import use_text_progress as _use_text_progress
+    from .run_progress import use_text_progress as _use_text_progress
 
     _use_text_progress()

@@ -94,7 +94,7 @@ def digest(array: Any) -> str:
 
 def embedded_model_dir(name: str, identity: dict[str, Any]) -> Path:
     """``<cache>/models/<name>-<key>`` of an embedded model whose recipe identity is ``identity``
-    (:meth:`revelio_nb.models.embedded.EmbeddedSpec.identity`, plus the teacher's for distilled models): everything
+    (:meth:`revelio_nb.models.embedded_specs.EmbeddedSpec.identity`, plus the teacher's for distilled models): everything
     that changes the weights."""
     return cache_dir("models") / f"{name}-{key_of(identity)}"
 

@@ -36,7 +36,7 @@ pixels is dark (mean luminance below the foreground threshold) and the foregroun
 So they work on Animal-MNIST and digits and are skipped on photographs.
 
 Images may be uint8 (N, H, W[, C]) in 0..255, or float (N, C, H, W) / (N, H, W, C) in [-1, 1] or [0, 1], numpy
-or torch (C in {1, 3}); :func:`to_rgb01` is the one conversion.
+or torch (C in {1, 3}); :func:`revelio_nb.image_arrays.to_rgb01` is the one conversion.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ import numpy as np
 import pandas as pd
 
 from . import captions
+from .image_arrays import to_rgb01
 
 GROUPS = ("geometry", "pose", "position", "texture", "colour")
 MAX_NAN_FRACTION = 0.5  # an attribute NaN on more images than this is undefined on the batch
@@ -67,42 +68,9 @@ class AttributeSpec:
     description: str
 
 
-# --------------------------------------------------------------------------------------------- conversion
-def to_rgb01(images: Any) -> np.ndarray:
-    """Any image batch -> float32 (N, H, W, C) in [0, 1], C in {1, 3} (the channel axis is found by its size)."""
-    try:
-        import torch
-
-        if torch.is_tensor(images):
-            images = images.detach().float().cpu().numpy()
-    except ImportError:  # pragma: no cover
-        pass
-    x = np.asarray(images)
-    if x.ndim == 2:
-        x = x[None]
-    if x.ndim == 3:
-        x = x[..., None]
-    if x.ndim != 4:
-        raise AttributeMeasureError(f"images must be (N, H, W), (N, H, W, C) or (N, C, H, W); got shape {x.shape}")
-    if x.shape[-1] not in (1, 3):
-        if x.shape[1] in (1, 3):
-            x = np.moveaxis(x, 1, -1)
-        else:
-            raise AttributeMeasureError(f"cannot tell the channel axis of images with shape {x.shape}: "
-                                  "put C (1 or 3) first or last")
-    if x.dtype == np.uint8:
-        return x.astype(np.float32) / 255.0
-    x = x.astype(np.float32)
-    if x.size and x.min() < -1e-6:  # [-1, 1], the float range of this package
-        x = (x + 1) / 2
-    elif x.size and x.max() > 1.0 + 1e-6:
-        raise AttributeMeasureError("float images must be in [-1, 1] (or [0, 1]); use uint8 for 0..255")
-    return np.clip(x, 0.0, 1.0)
-
-
 def luminance(images: Any) -> np.ndarray:
     """(N, H, W) luminance in [0, 1]: Rec. 601 luma of RGB, the intensity itself for grayscale."""
-    x = to_rgb01(images)
+    x = to_rgb01(images, AttributeMeasureError)
     if x.shape[-1] == 1:
         return x[..., 0]
     return x @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -134,7 +102,7 @@ def contrast(images: Any) -> np.ndarray:
 def saturation(images: Any) -> np.ndarray:
     """Mean HSV saturation (max - min) / max over the pixels (0 for gray pixels). NaN for grayscale images (one
     channel), so a grayscale dataset reports it undefined; an RGB image whose channels are equal gives 0."""
-    x = to_rgb01(images)
+    x = to_rgb01(images, AttributeMeasureError)
     if x.shape[-1] == 1:
         return np.full(len(x), np.nan)
     return _hsv(x)[1].mean((1, 2)).astype(np.float64)
@@ -142,7 +110,7 @@ def saturation(images: Any) -> np.ndarray:
 
 def _dominant_hue(images: Any, min_saturation: float = 0.2, min_value: float = 0.1) -> np.ndarray:
     """Saturation-weighted circular mean hue angle over the colourful pixels; NaN where there are none."""
-    x = to_rgb01(images)
+    x = to_rgb01(images, AttributeMeasureError)
     if x.shape[-1] == 1:
         return np.full(len(x), np.nan)
     h, s, v = _hsv(x)
@@ -326,7 +294,7 @@ def measure(images: Any, names: Sequence[str] | None = None, keep_undefined: boo
     dropped unless ``keep_undefined``; ``df.attrs["undefined"]`` maps each of them to the reason, never an error.
     """
     names = check_names(names)
-    x = to_rgb01(images)
+    x = to_rgb01(images, AttributeMeasureError)
     cols, undefined = {}, {}
     for n in names:
         v = np.asarray(ATTRIBUTES[n].fn(x), dtype=np.float64)

@@ -29,9 +29,9 @@ trained on ``"animal-mnist+facing"``: the same images, some mirrored, so that ea
 rate (:func:`plant_facing`, :data:`PLANTED_FACING_RIGHT`); its captions are measured like all others.
 
 Images may be uint8 (N, H, W[, C]) in 0..255 or float in [-1, 1] as (N, C, H, W) tensors/arrays (what
-:func:`revelio_nb.sampling.sample` returns) or (N, H, W, C) arrays. Measure training images and generated
-images at the same size (the model sees 28x28 Animal-MNIST padded to 32x32, so captions are measured on the
-padded images).
+:func:`revelio_nb.sampling.sample` returns) or (N, H, W, C) arrays (read by
+:func:`revelio_nb.image_arrays.to_gray`). Measure training images and generated images at the same size (the model
+sees 28x28 Animal-MNIST padded to 32x32, so captions are measured on the padded images).
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
+
+from .image_arrays import to_gray
 
 FOREGROUND_THRESHOLD = 40 / 255  # silhouettes are bright on black; zebra stripes stay above this
 
@@ -66,40 +68,6 @@ class Attribute:
 
 
 # ------------------------------------------------------------------------------------------ measurements
-
-
-def to_gray(images: Any) -> np.ndarray:
-    """Any image batch -> float (N, H, W) in [0, 1] (colour averaged)."""
-    try:
-        import torch
-
-        if torch.is_tensor(images):
-            images = images.detach().float().cpu().numpy()
-    except ImportError:  # pragma: no cover
-        pass
-    x = np.asarray(images)
-    if x.ndim == 2:
-        x = x[None]
-    if x.ndim not in (3, 4):
-        raise ValueError(f"images must be (N, H, W), (N, H, W, C) or (N, C, H, W); got shape {x.shape}")
-    if x.dtype == np.uint8:
-        x = x.astype(np.float32) / 255.0
-        if x.ndim == 4:
-            x = x.mean(-1) if x.shape[-1] in (1, 3) else x.mean(1)
-        return x
-    x = x.astype(np.float32)
-    if x.ndim == 4:
-        if x.shape[1] in (1, 3) and x.shape[-1] not in (1, 3):
-            x = x.mean(1)
-        elif x.shape[-1] in (1, 3):
-            x = x.mean(-1)
-        else:
-            raise ValueError(f"cannot tell the channel axis of images with shape {x.shape}: put C (1 or 3) first or last")
-    if x.min() < -1e-6:  # [-1, 1] convention (the float range of this package)
-        x = (x + 1) / 2
-    elif x.max() > 1.0 + 1e-6:
-        raise ValueError("float images must be in [-1, 1] (or [0, 1]); use uint8 for 0..255")
-    return np.clip(x, 0.0, 1.0)
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:

@@ -102,7 +102,22 @@ def image_stream_map(model: DiffusionModel, block: str, module: nn.Module, outpu
     return model.adapter.to_grid(t, latent_hw)
 
 
-class FeatureCapture:
+class HookHandles:
+    """Owner of hooks on a denoiser's modules (handles in ``self._handles``): :meth:`remove` takes them all off, as
+    does leaving the owner's ``with`` block."""
+
+    _handles: list[Any]
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+class FeatureCapture(HookHandles):
     """Forward hooks on some blocks of a denoiser.
 
     >>> with FeatureCapture(model, ["mid_block", "up_blocks.0"]) as cap:
@@ -138,14 +153,6 @@ class FeatureCapture:
             self.remove()
             raise
         return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
 
     @torch.no_grad()
     def run(self, x_t: torch.Tensor, t: int | torch.Tensor, cond: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:

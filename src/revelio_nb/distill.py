@@ -148,7 +148,7 @@ def distill_lcm(
     ``teacher`` on ``images`` (N, C, H, W in [-1, 1]) with one caption embedding per image in ``conds``
     (N, L, D) and the empty caption's ``null_cond`` (L, D). See the module docstring; resumes from
     ``work_dir/checkpoint.safetensors``. Returns the state (per-step losses, seconds)."""
-    from .models.adapters.unet_cond import guidance_scale_embedding  # lazy: models.embedded imports this module
+    from .models.adapters.unet_cond import guidance_scale_embedding  # lazy: models.embedded_specs imports this module
 
     cfg.validate()
     work_dir = Path(work_dir)

@@ -6,15 +6,16 @@
     python -m revelio_nb.runner -p model=/path/to/model  # a parameter for the notebooks that declare it
     python -m revelio_nb.runner --force                  # rerun notebooks that are up to date
 
-Parameters. Each notebook gets ``run_dir`` (absolute) plus the profile's overrides from ``notebooks/<profile>.yaml``
-(a mapping from notebook file name, or ``_all``, to parameters) plus ``-p KEY=VALUE``. Before anything runs, every
-key is checked against the notebooks' ``parameters`` cells: a ``-p`` or ``_all`` key goes to the selected notebooks
-that declare it, and one that none of them declares is an error listing the declared parameters (a typo such as
-``-p modle=...`` never silently runs the defaults); a key set for one notebook must be declared by that notebook.
+Parameters (:mod:`revelio_nb.run_plan`). Each notebook gets ``run_dir`` (absolute) plus the profile's overrides from
+``notebooks/<profile>.yaml`` (a mapping from notebook file name, or ``_all``, to parameters) plus ``-p KEY=VALUE``.
+Before anything runs, every key is checked against the notebooks' ``parameters`` cells: a ``-p`` or ``_all`` key
+goes to the selected notebooks that declare it, and one that none of them declares is an error listing the declared
+parameters (a typo such as ``-p modle=...`` never silently runs the defaults); a key set for one notebook must be
+declared by that notebook.
 
 Terminal. Each notebook's header, then its cells' printed lines and progress bars as they come, condensed: a bar is
 shown when it starts, at most every ``progress_interval`` seconds while it runs, and when it ends (the kernel draws
-text bars: the runner sets ``REVELIO_PROGRESS=text``, see :func:`use_text_progress`). A summary lists each
+text bars: the runner sets ``REVELIO_PROGRESS=text``; :mod:`revelio_nb.run_progress`). A summary lists each
 notebook's time and status and the results folder. The kernel talks to the runner over IPC sockets in a private
 temporary folder (no TCP, so no "running over TCP without encryption" warning).
 
@@ -24,44 +25,32 @@ summary in ``results/<run>/RESULTS.md`` (:mod:`revelio_nb.report`), all written 
 first failing notebook (later ones build on it), keeping everything already produced.
 
 Reruns. A notebook that finished is recorded in ``results/<run>/.runner/<notebook>.json`` (written atomically after
-its executed copy is in place) with a key hashing its parameters, its source, the package source and the keys of
-the notebooks before it. A rerun (e.g. after a killed ``make reproduce``) skips notebooks whose key matches and whose
-executed copy exists, and reruns the rest; ``--force`` reruns everything. The key does not see the *content* of a
-dataset folder given by path: after changing the images in a folder, rerun with ``--force``.
+its executed copy is in place; :mod:`revelio_nb.run_markers`) with a key hashing its parameters, its source, the
+package source and the keys of the notebooks before it. A rerun (e.g. after a killed ``make reproduce``) skips
+notebooks whose key matches and whose executed copy exists, and reruns the rest; ``--force`` reruns everything. The
+key does not see the *content* of a dataset folder given by path: after changing the images in a folder, rerun with
+``--force``.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
-import contextlib
-import difflib
-import hashlib
-import json
-import logging
 import os
-import re
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TextIO
 
 import pandas as pd
 import yaml
 
-from .artifacts import key_of
 from .paths import atomic_write_json, atomic_write_text, project_root, results_dir
-
-NOTEBOOK_PATTERN = re.compile(r"^(\d\d)_[\w-]+\.ipynb$")
-ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # cursor moves of nested tqdm bars, colours
-STATE_DIR = ".runner"  # results/<run>/.runner/<notebook>.json: the completion markers
-
-
-class ParameterError(ValueError):
-    """A parameter is declared by none of the notebooks it is meant for (the message lists the declared ones)."""
+from .run_markers import STATE_DIR, completed, marker_path, notebook_keys, package_fingerprint, remove_stale_partials
+from .run_plan import find_notebooks, load_profile, plan_parameters
+from .run_progress import ProgressPrinter, StreamFile, quiet_headless_kernel
 
 
 @dataclass
@@ -76,286 +65,6 @@ class RunConfig:
     force: bool = False  # rerun notebooks whose outputs are complete and up to date
     progress_interval: float = 30.0  # seconds between two terminal lines of one running progress bar
     stream: TextIO | None = None  # where the terminal lines go (None: sys.stdout)
-
-
-# ------------------------------------------------------------------------------------------ notebooks, parameters
-
-
-def find_notebooks(folder: Path, only: list[str] | None = None) -> list[Path]:
-    """The numbered notebooks of a folder in order; ``only`` filters by number prefix (errors list choices)."""
-    found = sorted(p for p in folder.glob("*.ipynb") if NOTEBOOK_PATTERN.match(p.name))
-    if only:
-        numbers = {NOTEBOOK_PATTERN.match(p.name).group(1): p for p in found}
-        bad = [o for o in only if o not in numbers]
-        if bad:
-            raise ValueError(f"no notebook numbered {bad} in {folder}; available: {sorted(numbers)}")
-        found = [numbers[o] for o in sorted(set(only))]
-    return found
-
-
-def load_profile(folder: Path, profile: str) -> dict[str, dict]:
-    """The profile table ``{notebook file name | "_all": {parameter: value}}`` (``{}`` for ``full``)."""
-    if profile == "full":
-        return {}
-    path = folder / f"{profile}.yaml"
-    if not path.is_file():
-        choices = ["full"] + sorted(p.stem for p in folder.glob("*.yaml"))
-        raise ValueError(f"unknown profile {profile!r}: no {path}; choices: {choices}")
-    table = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(table, dict) or any(not isinstance(v, (dict, type(None))) for v in table.values()):
-        raise ValueError(f"{path} must map notebook file names (or _all) to parameter mappings")
-    return {k: dict(v or {}) for k, v in table.items()}
-
-
-def profile_parameters(folder: Path, profile: str, notebook: str) -> dict:
-    table = load_profile(folder, profile)
-    return {**table.get("_all", {}), **table.get(notebook, {})}
-
-
-def declared_parameters(notebook: Path) -> dict[str, str]:
-    """``{name: default source}`` of the notebook's ``parameters`` cell (top-level assignments, parsed with ast)."""
-    nb = json.loads(Path(notebook).read_text())
-    cell = next((c for c in nb.get("cells", []) if c.get("cell_type") == "code"
-                 and "parameters" in c.get("metadata", {}).get("tags", [])), None)
-    if cell is None:
-        raise ParameterError(f"{Path(notebook).name} has no code cell tagged 'parameters'")
-    source = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
-    out: dict[str, str] = {}
-    for node in ast.parse(source).body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
-        for t in targets:
-            if isinstance(t, ast.Name):
-                out[t.id] = ast.get_source_segment(source, node.value) if node.value is not None else ""
-    return out
-
-
-def plan_parameters(notebooks: list[Path], table: dict[str, dict], extra: dict, profile: str = "profile",
-                    run_dir: str | None = None) -> dict[str, dict]:
-    """The parameters each notebook gets, checked before anything runs.
-
-    ``_all`` and ``extra`` (``-p``) keys go to the notebooks declaring them; a key no selected notebook declares is
-    a :class:`ParameterError`, as is a notebook's own profile key that the notebook does not declare.
-    """
-    declared = {nb.name: declared_parameters(nb) for nb in notebooks}
-    everything = sorted(set().union(*declared.values())) if declared else []
-    errors = []
-    for nb in notebooks:
-        for key in table.get(nb.name, {}):
-            if key not in declared[nb.name]:
-                close = difflib.get_close_matches(key, sorted(declared[nb.name]), n=1)
-                errors.append(f"{profile}.yaml sets {key!r} for {nb.name}, which does not declare it"
-                              + (f" (did you mean {close[0]!r}?)" if close else "")
-                              + f"; it declares: {', '.join(sorted(declared[nb.name]))}")
-    for origin, params in ((f"from {profile}.yaml _all", table.get("_all", {})), ("given with -p", extra)):
-        for key in params:
-            if not any(key in d for d in declared.values()):
-                close = difflib.get_close_matches(key, everything, n=1)
-                errors.append(f"{key!r} ({origin}) is declared by no selected notebook"
-                              + (f"; did you mean {close[0]!r}?" if close else ""))
-    if errors:
-        names = ", ".join(nb.name for nb in notebooks)
-        raise ParameterError("\n  ".join(["unknown parameters (nothing was run):", *errors])
-                             + f"\nparameters declared by the selected notebooks ({names}): {', '.join(everything)}")
-    plan = {}
-    for nb in notebooks:
-        d = declared[nb.name]
-        shared = {**table.get("_all", {}), **table.get(nb.name, {}), **extra}
-        base = {"run_dir": run_dir} if run_dir is not None and "run_dir" in d else {}
-        plan[nb.name] = {**base, **{k: v for k, v in shared.items() if k in d}}
-    return plan
-
-
-def check_profile(folder: Path, profile: str) -> None:
-    """Every key of ``<folder>/<profile>.yaml`` is declared by the notebook it is set for (or, for ``_all``, by some
-    notebook), and every notebook it names exists; raises :class:`ParameterError` otherwise."""
-    table = load_profile(folder, profile)
-    notebooks = find_notebooks(folder)
-    missing = sorted(set(table) - {"_all"} - {nb.name for nb in notebooks})
-    if missing:
-        raise ParameterError(f"{profile}.yaml names notebooks that do not exist: {missing}; "
-                             f"notebooks: {[nb.name for nb in notebooks]}")
-    plan_parameters(notebooks, table, {}, profile)
-
-
-# ------------------------------------------------------------------------------------------ terminal progress
-
-
-class ProgressPrinter:
-    """Condenses a kernel's stdout/stderr into readable terminal lines (see the module docstring).
-
-    ``feed(stream_name, text)`` takes text as it arrives. Lines ended by ``\\n`` are printed (prefixed); the
-    ``\\r``-separated updates of a progress bar are printed when a new bar starts and then at most every
-    ``interval`` seconds; blank clears (a closing ``leave=False`` bar) and terminal escape sequences (nested bars'
-    cursor moves) are dropped. Nothing printed holds ``\\r``.
-    """
-
-    def __init__(self, out: TextIO, prefix: str = "    ", interval: float = 30.0, width: int = 150,
-                 clock: Callable[[], float] = time.monotonic):
-        self.out, self.prefix, self.interval, self.width, self.clock = out, prefix, interval, width, clock
-        self.pending: dict[str, str] = {}
-        self.last_bar_print = -float("inf")
-        self.last_bar_name: str | None = None
-        self.last_line: str | None = None
-        self.lines = 0
-
-    def _print(self, line: str) -> None:
-        line = line.rstrip()
-        if not line.strip() or line == self.last_line:
-            return
-        self.last_line = line
-        if len(line) > self.width:
-            line = line[: self.width - 3] + "..."
-        self.out.write(f"{self.prefix}{line}\n")
-        self.out.flush()
-        self.lines += 1
-
-    @staticmethod
-    def _bar_name(line: str) -> str:
-        """What stays the same across a bar's updates: its text up to the first digit (tqdm's ``desc``)."""
-        return re.match(r"\D*", line).group(0).strip()
-
-    def _bar_update(self, line: str) -> None:
-        if not line.strip():
-            return
-        name, now = self._bar_name(line), self.clock()
-        if name != self.last_bar_name or now - self.last_bar_print >= self.interval:
-            self._print(line)
-            self.last_bar_name, self.last_bar_print = name, now
-
-    def feed(self, stream: str, text: str) -> None:
-        text = ANSI_ESCAPE.sub("", text)
-        pending = self.pending.get(stream, "")
-        for piece in re.split(r"(\r\n|\r|\n)", text):
-            if piece in ("\n", "\r\n"):
-                self._print(pending)  # a finished line (a closed leave=True bar ends this way too)
-                self.last_bar_name = None if self._bar_name(pending) == self.last_bar_name else self.last_bar_name
-                pending = ""
-            elif piece == "\r":
-                self._bar_update(pending)
-                pending = ""
-            else:
-                pending += piece
-        self.pending[stream] = pending
-
-    def close(self) -> None:
-        for stream, pending in self.pending.items():
-            self._print(pending)
-        self.pending.clear()
-
-
-class _StreamFile:
-    """The file-like object papermill writes one cell stream (stdout or stderr) to."""
-
-    def __init__(self, printer: ProgressPrinter, name: str):
-        self.printer, self.name = printer, name
-
-    def write(self, text: str) -> int:
-        self.printer.feed(self.name, text)
-        return len(text)
-
-    def flush(self) -> None:
-        pass
-
-
-def use_text_progress() -> None:
-    """Make ``tqdm.auto`` draw text bars (to stderr) instead of notebook widgets, whose updates never reach a headless
-    runner. Called by ``revelio_nb/__init__.py`` when ``REVELIO_PROGRESS=text`` (the runner sets it for its kernels)."""
-    import tqdm.auto
-    import tqdm.autonotebook
-    import tqdm.std
-
-    for module in (tqdm.auto, tqdm.autonotebook):
-        module.tqdm, module.trange = tqdm.std.tqdm, tqdm.std.trange
-
-
-class _DropPapermillNoise(logging.Filter):
-    """The runner checks parameters itself (:func:`plan_parameters`); papermill's own line parser warns about
-    parameter comments holding '=' and calls their parameters unknown, which would be false alarms."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        return not (msg.startswith("Unable to parse line") or msg.startswith("Passed unknown parameter"))
-
-
-@contextlib.contextmanager
-def _quiet_headless_kernel(progress_mininterval: float):
-    """Environment for the kernels started inside: text progress bars, throttled at the source; papermill's
-    parameter-parsing noise filtered; restored afterwards."""
-    saved = {k: os.environ.get(k) for k in ("REVELIO_PROGRESS", "TQDM_MININTERVAL")}
-    os.environ["REVELIO_PROGRESS"] = "text"
-    os.environ["TQDM_MININTERVAL"] = str(progress_mininterval)
-    noise = _DropPapermillNoise()
-    loggers = [logging.getLogger("papermill"), logging.getLogger("papermill.translators")]
-    for lg in loggers:
-        lg.addFilter(noise)
-    try:
-        yield
-    finally:
-        for lg in loggers:
-            lg.removeFilter(noise)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-# ------------------------------------------------------------------------------------------ completion markers
-
-
-def package_fingerprint() -> str:
-    """Hash of the package's Python sources and version: a code change makes every notebook out of date."""
-    from . import __version__
-
-    root = Path(__file__).resolve().parent
-    h = hashlib.sha256(__version__.encode())
-    for p in sorted(root.rglob("*.py")):
-        h.update(str(p.relative_to(root)).encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def notebook_keys(notebooks: list[Path], plan: dict[str, dict], package: str) -> dict[str, str]:
-    """Completion key of each notebook: its parameters, its source, the package, and the keys before it."""
-    keys, upstream = {}, []
-    for nb in notebooks:
-        key = key_of({"notebook": hashlib.sha256(nb.read_bytes()).hexdigest(), "parameters": plan[nb.name],
-                      "package": package, "upstream": upstream}, length=20)
-        keys[nb.name] = key
-        upstream = upstream + [key]
-    return keys
-
-
-def _marker(out: Path, name: str) -> Path:
-    return out / STATE_DIR / f"{name}.json"
-
-
-def completed(out: Path, name: str, key: str) -> dict | None:
-    """The marker of a notebook whose outputs are complete for this key (executed copy present), else None."""
-    try:
-        marker = json.loads(_marker(out, name).read_text())
-    except (OSError, ValueError):
-        return None
-    if marker.get("key") != key or not (out / "notebooks" / name).is_file():
-        return None
-    return marker
-
-
-def _remove_stale_partials(folder: Path, name: str) -> None:
-    for p in folder.glob(f".{Path(name).stem}.partial-*.ipynb"):
-        pid = p.name.rsplit("-", 1)[-1].split(".")[0]
-        alive = False
-        if pid.isdigit():
-            try:
-                os.kill(int(pid), 0)
-                alive = int(pid) != os.getpid()
-            except OSError:
-                alive = False
-        if not alive:
-            p.unlink(missing_ok=True)
-
-
-# ------------------------------------------------------------------------------------------ the run
 
 
 def run_notebooks(cfg: RunConfig) -> pd.DataFrame:
@@ -382,7 +91,7 @@ def run_notebooks(cfg: RunConfig) -> pd.DataFrame:
     say.flush()
     kernel_dir = tempfile.mkdtemp(prefix="revelio-kernel-")
     kernel_config = Config({"KernelManager": {"transport": "ipc", "ip": os.path.join(kernel_dir, "k")}})
-    with _quiet_headless_kernel(progress_mininterval=min(5.0, max(0.5, cfg.progress_interval / 3))):
+    with quiet_headless_kernel(progress_mininterval=min(5.0, max(0.5, cfg.progress_interval / 3))):
         for i, nb in enumerate(notebooks, 1):
             header = f"[{i}/{len(notebooks)}] {nb.name}"
             done = None if cfg.force else completed(out, nb.name, keys[nb.name])
@@ -396,15 +105,15 @@ def run_notebooks(cfg: RunConfig) -> pd.DataFrame:
             say.write(f"{header} (started {datetime.now():%H:%M:%S})\n")
             say.flush()
             printer = ProgressPrinter(say, interval=cfg.progress_interval)
-            _marker(out, nb.name).unlink(missing_ok=True)  # from here on the old outputs are being replaced
-            _remove_stale_partials(out / "notebooks", nb.name)
+            marker_path(out, nb.name).unlink(missing_ok=True)  # from here on the old outputs are being replaced
+            remove_stale_partials(out / "notebooks", nb.name)
             partial = out / "notebooks" / f".{nb.stem}.partial-{os.getpid()}.ipynb"
             start, status = time.time(), "ok"
             try:
                 pm.execute_notebook(str(nb), str(partial), parameters=plan[nb.name], cwd=str(nb_dir),
                                     kernel_name=cfg.kernel_name, progress_bar=False, log_output=False,
-                                    stdout_file=_StreamFile(printer, "stdout"),
-                                    stderr_file=_StreamFile(printer, "stderr"), config=kernel_config,
+                                    stdout_file=StreamFile(printer, "stdout"),
+                                    stderr_file=StreamFile(printer, "stderr"), config=kernel_config,
                                     coalesce_streams=True)  # the saved copy keeps each bar's last state only
             except Exception as e:  # papermill raises PapermillExecutionError with the cell's traceback
                 status, failure = "failed", (nb.name, e)
@@ -414,7 +123,7 @@ def run_notebooks(cfg: RunConfig) -> pd.DataFrame:
                 os.replace(partial, out / "notebooks" / nb.name)
             seconds = time.time() - start
             if status == "ok":
-                atomic_write_json(_marker(out, nb.name), {
+                atomic_write_json(marker_path(out, nb.name), {
                     "key": keys[nb.name], "seconds": round(seconds, 1), "finished": f"{datetime.now():%Y-%m-%d %H:%M}",
                     "parameters": plan[nb.name], "profile": cfg.profile})
             rows.append({"notebook": nb.name, "seconds": round(seconds, 1), "status": status, "profile": cfg.profile})

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..captions import ATTRIBUTES, neutral_prompt
+from ..capture import HookHandles
 from ..models import DiffusionModel
 from .axes import attribute_axes_by_step, attribute_axis
 from .prompt_runs import PromptH, SampleConfig, block_module, generate, step_timesteps
@@ -45,7 +46,7 @@ def _as_direction(direction: Any, out: torch.Tensor) -> torch.Tensor:
     )
 
 
-class SteeringHook:
+class SteeringHook(HookHandles):
     """Adds ``strength * direction`` to a block's **image stream** while registered (and while ``active``); the
     text stream of joint (SD3 / FLUX) blocks is left untouched.
 
@@ -109,13 +110,8 @@ class SteeringHook:
         self._handles.append(self.module.register_forward_hook(self._hook))
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        super().remove()
         self._t = None
 
 

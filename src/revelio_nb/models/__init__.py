@@ -15,29 +15,24 @@ and returns a :class:`DiffusionModel`. What differs between model families lives
 Never ``trust_remote_code``, never pickle.
 
 Layout: :mod:`.core` (the model object), :mod:`.loading` (folders, hub, allow-lists), :mod:`.noise` (noise
-conventions), :mod:`.adapters` (families), :mod:`.embedded` (embedded models: registry, training, random init).
+conventions), :mod:`.adapters` (families), :mod:`.embedded_specs` (embedded models' recipes: the registry, cache
+keys, the networks they build), :mod:`.embedded` (training them), :mod:`.random_init` (the random-init control).
 """
 
 from __future__ import annotations
 
 from .adapters import ADAPTERS, supported
-from .core import DiffusionModel, repeat_cond, tokenizer_digest, weights_digest, weights_hash
-from .embedded import (
+from .core import DiffusionModel, describe, repeat_cond, tokenizer_digest, weights_digest, weights_hash
+from .embedded import _embed_texts, _resolve, _training_forward, ensure_embedded, save_model_card
+from .embedded_specs import (
     EMBEDDED_MODELS,
     TEXT_MAX_LENGTH,
     UNET_SMALL,
     EmbeddedSpec,
-    _embed_texts,
-    _embedded_scheduler,
-    _resolve,
-    _training_forward,
     build_denoiser,
-    describe,
     embedded_folder,
     embedded_names,
-    ensure_embedded,
-    random_init_model,
-    save_model_card,
+    embedded_scheduler,
 )
 from .errors import ModelLoadError
 from .loading import (
@@ -52,14 +47,15 @@ from .loading import (
     minilm_path,
 )
 from .noise import DDPMNoise, FlowNoise
+from .random_init import random_init_model
 
 _repeat_cond = repeat_cond
 
 __all__ = [
     "ADAPTERS", "DDPMNoise", "DiffusionModel", "EMBEDDED_MODELS", "EmbeddedSpec", "FlowNoise", "ModelLoadError",
-    "SCHEDULER_CLASSES", "TEXT_ENCODER_CLASSES", "TEXT_MAX_LENGTH", "UNET_SMALL", "VAE_CLASSES", "build_denoiser",
-    "describe", "embedded_folder", "embedded_names", "ensure_embedded", "hub_patterns", "load_from_folder",
-    "load_minilm", "load_model", "load_scheduler", "minilm_path", "random_init_model", "save_model_card",
-    "supported", "tokenizer_digest", "weights_digest", "weights_hash", "_embed_texts", "_embedded_scheduler",
-    "_resolve", "_training_forward",
+    "SCHEDULER_CLASSES", "TEXT_ENCODER_CLASSES", "TEXT_MAX_LENGTH", "UNET_SMALL", "VAE_CLASSES",
+    "build_denoiser", "describe", "embedded_folder", "embedded_names", "embedded_scheduler", "ensure_embedded",
+    "hub_patterns", "load_from_folder", "load_minilm", "load_model", "load_scheduler", "minilm_path",
+    "random_init_model", "save_model_card", "supported", "tokenizer_digest", "weights_digest", "weights_hash",
+    "_embed_texts", "_resolve", "_training_forward",
 ]

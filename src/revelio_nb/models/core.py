@@ -352,3 +352,24 @@ def tokenizer_digest(tok: Any) -> str:
         vocab = []
     blob = json.dumps([type(tok).__name__, getattr(tok, "model_max_length", None), vocab], default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def describe(model: DiffusionModel) -> dict[str, Any]:
+    """One table row about a loaded model."""
+    spec = model.info.get("spec", {})
+    return {
+        "model": model.model_id,
+        "kind": model.kind,
+        "class": type(model.denoiser).__name__,
+        "noise": f"{model.noise.convention}/{model.prediction_type}",
+        "h_block": model.h_block,
+        "params_M": round(sum(p.numel() for p in model.denoiser.parameters()) / 1e6, 3),
+        "image_size": model.native_image_size,
+        "dataset": model.info.get("dataset"),
+        "conditioning": spec.get("conditioning"),
+        "train_steps": spec.get("train", {}).get("steps"),
+        "train_seconds": model.info.get("train_seconds"),
+        "final_loss": model.info.get("final_loss"),
+        "weights_hash": model.weights_hash,
+        "folder": str(model.folder) if model.folder else None,
+    }

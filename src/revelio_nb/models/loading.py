@@ -195,7 +195,7 @@ def hub_patterns() -> tuple[list[str], list[str]]:
 
 
 def _hub_snapshot(repo_id: str) -> Path:
-    from .embedded import embedded_names
+    from .embedded_specs import embedded_names
 
     try:
         from huggingface_hub import snapshot_download
@@ -236,7 +236,9 @@ def load_model(
     ``dtype`` is applied while loading (every component), so a large model never exists in fp32 in memory.
     ``train_steps`` overrides an embedded model's training budget (smoke runs); it is part of the cache key.
     """
-    from .embedded import embedded_names, ensure_embedded, random_init_model
+    from .embedded import ensure_embedded
+    from .embedded_specs import embedded_names
+    from .random_init import random_init_model
 
     src = str(source)
     torch_dtype = _dtype(dtype)

@@ -60,15 +60,7 @@ from .plots import (
     summary_row,
     top_latents_by_kind,
 )
-from .scores import (
-    assign_kinds,
-    auroc_z,
-    calibrate,
-    centered_ranks,
-    class_auroc,
-    null_scores,
-    rank_correlation,
-)
+from .scores import assign_kinds, auroc_z, calibrate, centered_ranks, class_auroc, null_scores, rank_correlation
 from .stability import decoder_directions, kind_confusion, match_latents, stability
 
 __all__ = [
