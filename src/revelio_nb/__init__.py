@@ -48,8 +48,8 @@ _PUBLIC: dict[str, str] = {
 }
 _SUBMODULES = ("artifacts", "attributes", "browse", "captions", "capture", "data", "dataset_errors", "directions",
                "distill", "distributed", "encoders", "features", "hookpoint_saes", "image_folders", "latent_store",
-               "latents", "models", "optional", "paths", "plots", "probes", "regime", "report", "run_index", "runner",
-               "sae", "sampling", "taxonomy", "training")
+               "latents", "models", "optional", "paths", "plots", "pooling", "probes", "regime", "report", "run_index",
+               "runner", "sae", "sampling", "taxonomy", "training")
 
 __all__ = sorted(_PUBLIC) + ["__version__"]
 
