@@ -91,7 +91,7 @@ def build_store(path: Path, tokens: int, dim: int, seed: int = 0, chunk_images: 
     atomic_write_json(path / "manifest.json", {
         "format": "revelio-feature-store/1",
         "config": {"model": "synthetic", "dataset": "synthetic", "split": "train", "blocks": ["mid_block"],
-                   "timesteps": [25], "pooling": "none", "n_noise": 1, "seed": seed, "store_dtype": "float32"},
+                   "timesteps": [25], "pooling": "map", "n_noise": 1, "seed": seed, "store_dtype": "float32"},
         "model_id": "synthetic", "model_kind": "unet", "weights_hash": "synthetic", "dataset": "synthetic",
         "class_names": [str(c) for c in range(10)], "split": "train", "image_size": 32, "n_rows": n,
         "chunk_size": 64, "n_chunks": (n + 63) // 64, "status": "complete",

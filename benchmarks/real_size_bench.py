@@ -137,7 +137,7 @@ def measure(a) -> dict:
                           [model.h_block, model.main_blocks[(3 * len(model.main_blocks)) // 4]])
     ds = load_dataset("digits")
     cfg = F.ExtractionConfig(model=str(a.folder), dataset="digits", blocks=blocks, timesteps=a.timesteps,
-                             pooling="none", max_images=a.images, batch_size=a.batch, image_size=a.size,
+                             pooling="map", max_images=a.images, batch_size=a.batch, image_size=a.size,
                              store_dtype="float16")
     out = Path(a.out)
     shutil.rmtree(out / "store", ignore_errors=True)  # the benchmark's scratch store: always measured from empty

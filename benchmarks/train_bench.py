@@ -25,7 +25,8 @@ import torch
 
 from revelio_nb.data import load_dataset
 from revelio_nb.distill import distill_from_teacher
-from revelio_nb.models.embedded import EMBEDDED_MODELS, _training_forward, build_denoiser
+from revelio_nb.models import _training_forward
+from revelio_nb.models.embedded_specs import EMBEDDED_MODELS, TEXT_MAX_LENGTH, build_denoiser
 from revelio_nb.training import train_denoiser
 
 
@@ -38,8 +39,6 @@ def _inputs(spec, n: int = 256):
     if spec.conditioning == "class":
         conds, null = torch.randint(0, len(ds.class_names), (n,), generator=g), torch.tensor(len(ds.class_names))
     elif spec.conditioning == "text":
-        from revelio_nb.models.embedded import TEXT_MAX_LENGTH
-
         conds = torch.randn(n, TEXT_MAX_LENGTH, spec.arch_kwargs["cross_attention_dim"], generator=g)
         null = torch.zeros(TEXT_MAX_LENGTH, spec.arch_kwargs["cross_attention_dim"])
     return images, conds, null, len(ds.class_names)

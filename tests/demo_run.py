@@ -75,7 +75,7 @@ def demo_run(run_dir: str | os.PathLike, *, dataset: str = "animal-mnist", split
     pooled = store("mean", blocks)
     jobs = [(b, "mean", pooled) for b in blocks]
     if spatial_block:
-        jobs.append((spatial_block, "none", store("none", [spatial_block])))
+        jobs.append((spatial_block, "map", store("map", [spatial_block])))
     rows = []
     for block, pooling, st in jobs:
         name = f"{slugify(block)}-t{t}-{'pooled' if pooling == 'mean' else 'spatial'}"
@@ -89,7 +89,7 @@ def demo_run(run_dir: str | os.PathLike, *, dataset: str = "animal-mnist", split
         lat_dir = run_dir / "sae" / name / "latents"
         load_or_compute(lat_dir, lambda: latent_stats(sae, arr, st.labels, top_n=top_n, image_index=st.indices,
                                                       class_names=st.class_names, progress=progress))
-        rows.append({"hookpoint": f"demo-tiny-unet · {block} · t={t}" + (" · spatial" if pooling == "none" else ""),
+        rows.append({"hookpoint": f"demo-tiny-unet · {block} · t={t}" + (" · spatial" if pooling == "map" else ""),
                      "model": "demo-tiny-unet", "block": block, "t": t, "pooling": pooling,
                      "sae_dir": str(run_dir / "sae" / name / "sae"), "latents_dir": str(lat_dir),
                      "store_dir": str(st.path), "dataset": dataset, "split": split,

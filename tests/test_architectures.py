@@ -141,7 +141,7 @@ def test_extraction_stores_the_image_stream_of_the_block_output(root, name, tmp_
     size = size_of(name)
     blocks = [m.h_block, m.main_blocks[0]]
     cfg = F.ExtractionConfig(model=str(folder_of(root, name)), dataset="digits", split="train", blocks=blocks,
-                             timesteps=[100, 700], pooling="none", max_images=3, batch_size=3, image_size=size)
+                             timesteps=[100, 700], pooling="map", max_images=3, batch_size=3, image_size=size)
     store = F.extract_features(cfg, model=m, out_dir=tmp_path / "s", progress=False)
     from revelio_nb.data import load_dataset
 

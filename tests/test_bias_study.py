@@ -299,7 +299,7 @@ def test_bias_study_end_to_end_on_a_tiny_text_pipeline(sd_model, tiny_animals, t
     got = D.caption_features(sd_model, imgs, config=D.CaptionMapConfig(t=333, seed=cfg.seed), indices=idx,
                              progress=False)
     np.testing.assert_allclose(got["flat"], study.map_h(333, "flat")[:5], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(got["pooled"], study.map_h(333, "pooled")[:5], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got["mean"], study.map_h(333, "mean")[:5], rtol=1e-4, atol=1e-5)
     # a rerun is served from the caches (no sampling)
     monkeypatch.setattr(prompt_runs, "generate", lambda *a, **k: pytest.fail("should have been served from the cache"))
     again = B.bias_study(sd_model, tiny_animals, cfg, progress=False)

@@ -80,6 +80,8 @@ def test_prompt_h_on_tiny_sd_pipeline(sd_model, cache):
     assert base.pooled.shape == (4, sd_model.text_encoder.config.hidden_size) and base.flat is None
     with pytest.raises(ValueError, match="flat"):
         base.get(form="flat")
+    with pytest.raises(ValueError, match=r"form 'pooled' is not one of \['mean', 'flat'\] \('pooled' is now 'mean'\)"):
+        base.get(form="pooled")
     with pytest.raises(ValueError, match="capture_steps"):
         D.SampleConfig(steps=3, capture_steps=[3]).validate()
 
@@ -236,12 +238,12 @@ def test_caption_features_are_seeded_per_image_and_feed_a_word_map(sd_model):
     cfg = D.CaptionMapConfig(t=50, batch_size=4)
     full = D.caption_features(sd_model, imgs, caps, cfg, progress=False)
     c, hh, ww = _mid(sd_model)
-    assert full["pooled"].shape == (6, c) and full["flat"].shape == (6, c * hh * ww)
+    assert full["mean"].shape == (6, c) and full["flat"].shape == (6, c * hh * ww)
     again = D.caption_features(sd_model, imgs, caps, D.CaptionMapConfig(t=50, batch_size=3), progress=False)
-    np.testing.assert_allclose(again["pooled"], full["pooled"], rtol=1e-4, atol=1e-5)  # batching-independent
+    np.testing.assert_allclose(again["mean"], full["mean"], rtol=1e-4, atol=1e-5)  # batching-independent
     cond = D.caption_features(sd_model, imgs, caps, D.CaptionMapConfig(t=50, condition="caption"), progress=False)
-    assert not np.allclose(cond["pooled"], full["pooled"])  # the caption reaches h through cross-attention
-    wm = D.fit_word_map(cond["pooled"], caps, min_count=2)
+    assert not np.allclose(cond["mean"], full["mean"])  # the caption reaches h through cross-attention
+    wm = D.fit_word_map(cond["mean"], caps, min_count=2)
     assert wm.vocabulary == ["cat", "dog", "red"] and wm.ridge.shape == (3, c)
     with pytest.raises(ValueError, match="one caption per image"):
         D.caption_features(sd_model, imgs, caps[:2], D.CaptionMapConfig(condition="caption"), progress=False)

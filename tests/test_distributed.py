@@ -38,7 +38,7 @@ def tiny(tmp_path_factory):
 
 
 def config(folder: Path, **kw) -> ExtractionConfig:
-    base = dict(model=str(folder), dataset="digits", blocks=BLOCKS, timesteps=TIMESTEPS, pooling="none",
+    base = dict(model=str(folder), dataset="digits", blocks=BLOCKS, timesteps=TIMESTEPS, pooling="map",
                 max_images=100, batch_size=8, image_size=16)
     return ExtractionConfig(**{**base, **kw})
 
@@ -73,7 +73,7 @@ def test_torchrun_two_cpu_ranks_equal_single_process_bit_for_bit(tiny, tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "REVELIO_CACHE": str(tmp_path / "cache")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "revelio_nb.distributed", "--model", str(folder), "--dataset", "digits",
-           "--blocks", *BLOCKS, "--timesteps", *map(str, TIMESTEPS), "--pooling", "none", "--max-images", "100",
+           "--blocks", *BLOCKS, "--timesteps", *map(str, TIMESTEPS), "--pooling", "map", "--max-images", "100",
            "--batch-size", "8", "--image-size", "16", "--out-dir", str(tmp_path / "dist"), "--no-progress"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

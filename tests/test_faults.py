@@ -48,7 +48,7 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     folder = save_tiny_unet16(root / "unet")
     model, ds = load_model(folder), load_dataset("digits")
-    cfg = ExtractionConfig(model=str(folder), dataset="digits", blocks=BLOCKS, timesteps=TIMESTEPS, pooling="none",
+    cfg = ExtractionConfig(model=str(folder), dataset="digits", blocks=BLOCKS, timesteps=TIMESTEPS, pooling="map",
                            max_images=100, batch_size=8, image_size=16)
     ref = extract_features(cfg, model, ds, out_dir=root / "reference", progress=False)
     torch.set_num_threads(n)

@@ -56,10 +56,10 @@ def test_deterministic_and_seed_sensitive(unet, animals, tiny_unet_path, tmp_pat
 
 
 def test_spatial_and_noise_averaging(unet, animals, tiny_unet_path, tmp_path):
-    st = F.extract_features(cfg(tiny_unet_path, pooling="none", timesteps=[50], n_noise=3), model=unet,
+    st = F.extract_features(cfg(tiny_unet_path, pooling="map", timesteps=[50], n_noise=3), model=unet,
                             dataset=animals, out_dir=tmp_path / "sp", progress=False)
     assert st.array("up_blocks.0", 50).shape == (40, 16, 32, 32)
-    one = F.extract_features(cfg(tiny_unet_path, pooling="none", timesteps=[50], n_noise=1), model=unet,
+    one = F.extract_features(cfg(tiny_unet_path, pooling="map", timesteps=[50], n_noise=1), model=unet,
                              dataset=animals, out_dir=tmp_path / "sp1", progress=False)
     assert not np.allclose(st.array("mid_block", 50), one.array("mid_block", 50))
 
@@ -154,7 +154,7 @@ def test_latent_sd_pipeline_by_path(tiny_sd_pipeline, animals, tmp_path):
 def test_dit_extraction(tiny_dit_path, animals, tmp_path):
     dit = load_model(tiny_dit_path)
     c = F.ExtractionConfig(model=str(tiny_dit_path), blocks=["transformer_blocks.0"], timesteps=[25], max_images=20,
-                           batch_size=10, image_size=16, pooling="none")
+                           batch_size=10, image_size=16, pooling="map")
     st = F.extract_features(c, model=dit, dataset=animals, out_dir=tmp_path / "dit", progress=False)
     assert st.array("transformer_blocks.0", 25).shape == (20, 16, 4, 4)
     with pytest.raises(ValueError, match="fixed position embeddings"):

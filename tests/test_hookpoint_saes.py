@@ -40,8 +40,8 @@ def test_index_written_and_cached(tiny_unet_path, tmp_path):
 
 
 def test_spatial_hookpoint_has_pooled_embedding_store(tiny_unet_path):
-    row = hp.train_hookpoints(small_run(tiny_unet_path, "none"), [("mid_block", 10)], progress=False)[0]
-    assert row["pooling"] == "none" and row["embedding_store_dir"] != row["store_dir"]
+    row = hp.train_hookpoints(small_run(tiny_unet_path, "map"), [("mid_block", 10)], progress=False)[0]
+    assert row["pooling"] == "map" and row["embedding_store_dir"] != row["store_dir"]
     from revelio_nb.features import FeatureStore
     assert FeatureStore.open(row["embedding_store_dir"]).config["pooling"] == "mean"
 

@@ -25,7 +25,7 @@ def make_run(model):
     cfg = sae.TrainConfig(sae=sae.SaeConfig(k=4, expansion_factor=2), steps=20, batch_size=64, warmup_steps=2,
                           device="cpu")
     return hp.HookpointRun(model=model, dataset="digits", store_blocks=["mid_block"], store_timesteps=[10],
-                           pooling="none", max_images=40, sae=cfg, top_n=4)
+                           pooling="map", max_images=40, sae=cfg, top_n=4)
 """
 _ns: dict = {}
 exec(RUN_SRC, _ns)

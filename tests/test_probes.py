@@ -78,12 +78,12 @@ def test_linear_probe_errors_and_pooling():
         ProbeData(x[:50], y[:40], x[50:], y[50:])
     with pytest.raises(ProbeError, match="Cs must be"):
         fit_linear_probe(_split_data(x, y), LinearProbeConfig(Cs=[]))
-    with pytest.raises(ProbeError, match="pool"):
+    with pytest.raises(ProbeError, match=r"pool 'max' is not one of \['mean', 'flat'\]"):
         ProbeData(x[:50], y[:50], x[50:], y[50:], pool="max")
     maps = np.random.default_rng(0).normal(size=(10, 3, 4, 4)).astype(np.float32)
     d = ProbeData(maps, np.arange(10) % 2, maps, np.arange(10) % 2)
     np.testing.assert_allclose(d.vectors("train"), maps.mean(axis=(2, 3)), rtol=1e-6)
-    d.pool = "flatten"
+    d.pool = "flat"
     assert d.vectors("val").shape == (10, 48)
 
 
@@ -243,7 +243,7 @@ def test_pixel_probe_data_uses_dataset_splits():
 
     ds = load_dataset("digits")
     d = probes.pixel_probe_data(ds, size=8)
-    assert d.pool == "flatten" and d.x_train.shape[1:] == (1, 8, 8)
+    assert d.pool == "flat" and d.x_train.shape[1:] == (1, 8, 8)
     np.testing.assert_array_equal(d.y_val, ds.labels[ds.split("val")])
     assert d.sizes() == {"n_train": len(ds.split("train")), "n_val": len(ds.split("val")), "n_test": len(ds.split("test"))}
     sub = probes.pixel_probe_data(ds, size=8, max_images=50)

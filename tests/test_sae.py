@@ -329,8 +329,10 @@ def test_load_refuses_d_in_mismatch(tmp_path):
 def test_config_errors_name_the_bad_value():
     with pytest.raises(SaeError, match="b_dec_init='mode'"):
         SaeConfig(b_dec_init="mode")
-    with pytest.raises(SaeError, match="tokens='grid'"):
-        SaeConfig(tokens="grid")
+    with pytest.raises(SaeError, match=r"SaeConfig.pooling 'grid' is not one of \['auto', 'mean', 'tokens'\]"):
+        SaeConfig(pooling="grid")
+    with pytest.raises(SaeError, match="'spatial' is now 'tokens'"):
+        SaeConfig(pooling="spatial")
     with pytest.raises(SaeError, match="k=50 exceeds num_latents=40"):
         SaeConfig(d_in=10, expansion_factor=4, k=50).resolved()
 
@@ -382,13 +384,13 @@ def test_train_on_spatial_tokens(tmp_path):
     arr = _memmap(tmp_path, flat.reshape(64, 4, 4, 8).transpose(0, 3, 1, 2).copy())
     cfg = _small_cfg(sae=SaeConfig(expansion_factor=4, k=3), steps=8)
     model = train_sae(ArraySource(arr, rows=np.arange(48)), cfg, tmp_path / "run", progress=False)
-    assert model.cfg.tokens == "spatial" and model.grid == (4, 4)
+    assert model.cfg.pooling == "tokens" and model.grid == (4, 4)
     loaded = SparseAutoencoder.load(tmp_path / "run", d_in=8)
-    assert loaded.grid == (4, 4) and loaded.cfg.tokens == "spatial"
+    assert loaded.grid == (4, 4) and loaded.cfg.pooling == "tokens"
     ev = evaluate_sae(loaded, ArraySource(arr, rows=np.arange(48, 64)))
     assert ev["n_tokens"] == 16 * 16 and 0 < ev["l0"] <= 3
-    with pytest.raises(SaeError, match="tokens='pooled'"):
-        train_sae(arr, _small_cfg(sae=SaeConfig(tokens="pooled")), tmp_path / "other", progress=False)
+    with pytest.raises(SaeError, match="pooling='mean'"):
+        train_sae(arr, _small_cfg(sae=SaeConfig(pooling="mean")), tmp_path / "other", progress=False)
     del rng
 
 
@@ -423,6 +425,27 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(full.parameters(), again.parameters()))
     with pytest.raises(SaeError, match="another config"):
         train_sae(x, _small_cfg(steps=14), tmp_path / "full", progress=False)
+
+
+def test_checkpoint_of_an_earlier_version_resumes(tmp_path):
+    """A checkpoint whose run signature names SaeConfig.pooling ``tokens`` (as before) resumes, not refused."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    x = _memmap(tmp_path, _sparse_data(600))
+    cfg = _small_cfg(steps=8)
+    full = train_sae(x, cfg, tmp_path / "full", progress=False)
+    train_sae(x, cfg, tmp_path / "old", stop_after=5, progress=False)
+    opt = tmp_path / "old" / "optimizer.safetensors"
+    with safe_open(str(opt), framework="pt") as f:
+        meta = f.metadata()
+    state = json.loads(meta["train_state"])
+    sae_sig = state["signature"]["train_cfg"]["sae"]
+    sae_sig["tokens"] = sae_sig.pop("pooling")
+    save_file(load_file(str(opt)), str(opt), metadata={**meta, "train_state": json.dumps(state)})
+    resumed = train_sae(x, cfg, tmp_path / "old", progress=False)
+    assert json.loads((tmp_path / "old" / "train_state.json").read_text())["step"] == 8
+    assert all(torch.equal(a, b) for a, b in zip(full.parameters(), resumed.parameters()))
 
 
 def test_nan_features_raise_and_keep_last_good_checkpoint(tmp_path):

@@ -62,7 +62,7 @@ def test_read_hookpoints_validates_with_clear_errors(tmp_path):
     with pytest.raises(RunIndexError, match=r"lacks the columns \['store_dir'\]"):
         read_hookpoints(tmp_path)
     _write_index(tmp_path, [{**ROW, "pooling": "max"}])
-    with pytest.raises(RunIndexError, match=r"pooling \['max'\] not in \['mean', 'none'\]"):
+    with pytest.raises(RunIndexError, match=r"row 0, column pooling 'max' is not one of \['mean', 'map'\]"):
         read_hookpoints(tmp_path)
     _write_index(tmp_path, [ROW, ROW])
     with pytest.raises(RunIndexError, match="unique"):
@@ -354,7 +354,7 @@ def test_browser_reads_the_firing_lists_of_the_stats_pass_and_shows_what_it_show
         raise AssertionError("the browser encoded the store again")
 
     monkeypatch.setattr(SparseAutoencoder, "encode", no_encoding)
-    assert {r["pooling"] for r in rows} == {"mean", "none"}
+    assert {r["pooling"] for r in rows} == {"mean", "map"}
     for row, (ptr, images, scores) in zip(rows, expected):
         d = browse.load_hookpoint(row, progress=False)
         np.testing.assert_array_equal(d.firing.ptr, ptr)

@@ -46,11 +46,11 @@ _PUBLIC: dict[str, str] = {
     # runs and results
     "cache_dir": "paths", "results_dir": "paths",
 }
-_SUBMODULES = ("artifacts", "attributes", "browse", "captions", "capture", "data", "dataset_errors", "directions",
-               "distill", "distributed", "encoders", "features", "hookpoint_saes", "image_arrays", "image_folders",
-               "latent_store", "latents", "models", "optional", "paths", "plots", "probes", "regime", "report",
-               "run_index", "run_markers", "run_plan", "run_progress", "runner", "sae", "sampling", "taxonomy",
-               "training")
+_SUBMODULES = ("artifacts", "attributes", "browse", "captions", "capture", "cell_timings", "data", "dataset_errors",
+               "directions", "distill", "distributed", "encoders", "features", "hookpoint_saes", "image_arrays",
+               "image_folders", "latent_store", "latents", "models", "optional", "paths", "plots", "pooling", "probes",
+               "regime", "report", "run_index", "run_markers", "run_plan", "run_progress", "runner", "sae", "sampling",
+               "taxonomy", "training")
 
 __all__ = sorted(_PUBLIC) + ["__version__"]
 

@@ -4,7 +4,7 @@ Launch one process per GPU (or several CPU processes) with ``torchrun`` or ``acc
 
     torchrun --standalone --nproc_per_node 4 -m revelio_nb.distributed \\
         --model runwayml/stable-diffusion-v1-5 --dataset hf:imagenet-1k --split train \\
-        --blocks mid_block up_blocks.1 --timesteps 25 100 --pooling none --precision fp16
+        --blocks mid_block up_blocks.1 --timesteps 25 100 --pooling map --precision fp16
 
 Every rank fills a disjoint set of chunks of ONE feature store (chunk ``c`` goes to rank ``c % world_size``), so
 rows stay the dataset indices of the split and the store is the very same as a single-process

@@ -24,6 +24,7 @@ import pandas as pd
 from . import artifacts, features, latent_store, latents, sae
 from .data import ImageDataset, load_dataset
 from .models import DiffusionModel, load_model
+from .pooling import MAP, MEAN
 from .run_index import HookpointIndex
 
 if TYPE_CHECKING:  # pragma: no cover - types only
@@ -39,7 +40,7 @@ class HookpointRun:
     dataset: str = "animal-mnist"
     store_blocks: list[str] = field(default_factory=lambda: ["mid_block"])
     store_timesteps: list[int] = field(default_factory=lambda: [25])
-    pooling: str = "mean"
+    pooling: str = MEAN  # of the stores: MEAN (vectors) or MAP (maps: one SAE token per position)
     train_split: str = "train"
     eval_split: str = "test"
     max_images: int | None = None
@@ -60,7 +61,7 @@ class HookpointRun:
 
 
 def label(model: str, block: str, t: int, pooling: str) -> str:
-    kind = "spatial" if pooling == "none" else "pooled"
+    kind = "spatial" if pooling == MAP else "pooled"  # words of the label, not pooling values
     return f"{model.replace('embedded:', '')} · {block} · t={t} · {kind}"
 
 
@@ -89,8 +90,8 @@ def train_hookpoint(run: HookpointRun, block: str, t: int, model: DiffusionModel
                                               image_index=eval_store.indices, class_names=eval_store.class_names,
                                               progress=progress))
     embedding_store = eval_store
-    if run.pooling == "none":  # the browser's 2-D view needs pooled vectors of the same images
-        embedding_store = features.extract_features(run.store_config(run.eval_split, pooling="mean"), model=model,
+    if run.pooling == MAP:  # the browser's 2-D view needs pooled vectors of the same images
+        embedding_store = features.extract_features(run.store_config(run.eval_split, pooling=MEAN), model=model,
                                                     dataset=dataset, progress=progress)
     return {
         "hookpoint": label(run.model, block, t, run.pooling), "model": run.model, "block": block, "t": int(t),

@@ -182,7 +182,7 @@ def part_markers(part: str) -> tuple[str, str]:
 
 def _finished(run_dir: Path, number: str | None) -> str:
     """' (notebook NN, finished <date>, <profile> profile)' from the runner's completion markers."""
-    from .runner import STATE_DIR
+    from .run_markers import STATE_DIR
 
     markers = sorted((run_dir / STATE_DIR).glob(f"{number or ''}*.json"))
     if not markers:

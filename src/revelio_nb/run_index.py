@@ -8,7 +8,9 @@ browser read or write elsewhere.
 
 Columns: ``REQUIRED_COLUMNS`` (hookpoint, model, block, t, pooling, sae_dir, latents_dir, store_dir, dataset,
 split), ``OPTIONAL_COLUMNS`` (embedding_store_dir, taxonomy_path); rows written by notebook 02 also carry their
-metrics (fvu, l0, dead_fraction, mean_purity, num_latents, k, n_eval_tokens, the kind counts n_<kind>).
+metrics (fvu, l0, dead_fraction, mean_purity, num_latents, k, n_eval_tokens, the kind counts n_<kind>). ``pooling``
+is the store's (:mod:`revelio_nb.pooling`): ``"mean"`` or ``"map"``; an index of an earlier version with ``"none"``
+reads as ``"map"``.
 
     from revelio_nb.run_index import HookpointIndex
     index = HookpointIndex(run_dir)
@@ -26,8 +28,7 @@ import numpy as np
 import pandas as pd
 
 from .paths import atomic_path, cache_dir, file_lock, results_dir
-
-POOLINGS = ("mean", "none")
+from .pooling import STORE_POOLINGS, read_pooling
 
 
 class RunIndexError(ValueError):
@@ -123,6 +124,8 @@ class HookpointIndex:
         with file_lock(path):
             if path.is_file():
                 old = pd.read_csv(path)
+                if "pooling" in old.columns:  # rows of an earlier version: "none" is now "map"
+                    old["pooling"] = [read_pooling(v) for v in old["pooling"]]
                 new = pd.concat([old[~old.hookpoint.isin(new.hookpoint)], new], ignore_index=True)
             with atomic_path(path) as tmp:
                 new.to_csv(tmp, index=False)
@@ -154,9 +157,8 @@ class HookpointIndex:
             rows, cols = np.nonzero(blank.to_numpy())
             bad = sorted({(int(r), req[c]) for r, c in zip(rows, cols)})
             raise RunIndexError(f"{path}: empty cells (row, column): {bad[:10]}")
-        bad_pool = sorted(set(table.loc[~table["pooling"].isin(POOLINGS), "pooling"]))
-        if bad_pool:
-            raise RunIndexError(f"{path}: pooling {bad_pool} not in {list(POOLINGS)}")
+        table["pooling"] = [read_pooling(v, STORE_POOLINGS, f"{path}: row {i}, column pooling", RunIndexError)
+                            for i, v in enumerate(table["pooling"])]  # an earlier version's "none" is "map"
         try:
             table["t"] = table["t"].astype(int)
         except (ValueError, TypeError) as e:

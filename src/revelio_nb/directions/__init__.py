@@ -20,7 +20,7 @@ h is the output of the bottleneck block (``mid_block``; a transformer's middle b
   words naming directions and SAE latents, steering strip panels).
 """
 
-from .prompt_runs import (FORMS, H_CONDITIONS, PromptH, SampleConfig, generate, prompt_h, step_index,
+from .prompt_runs import (H_CONDITIONS, PromptH, SampleConfig, generate, prompt_h, step_index,
                           step_timesteps, text_encoder_embeddings)
 from .word_maps import (CONDITIONS, DEFAULT_STOPWORDS, WORD_METHODS, CaptionMapConfig, WordMap, caption_features,
                         caption_words, fit_word_map, name_sae_latents, pca_directions, word_matrix)
@@ -41,7 +41,7 @@ from .samplers import lcm_study_config, replicate_studies, sampler_comparison, s
 
 __all__ = [
     # prompt_runs
-    "FORMS", "H_CONDITIONS", "SampleConfig", "generate", "PromptH", "prompt_h", "step_index", "step_timesteps",
+    "H_CONDITIONS", "SampleConfig", "generate", "PromptH", "prompt_h", "step_index", "step_timesteps",
     "text_encoder_embeddings",
     # word_maps
     "CONDITIONS", "DEFAULT_STOPWORDS", "WORD_METHODS", "CaptionMapConfig", "WordMap", "caption_features",

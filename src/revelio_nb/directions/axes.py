@@ -13,12 +13,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..captions import ATTRIBUTES, attribute_prompt, neutral_prompt
+from ..pooling import FLAT, MEAN
 from .prompt_runs import PromptH
 from .word_maps import WordMap, unit
 
 
 def concept_direction(lat: PromptH, with_word: str | Sequence[str], without: str | Sequence[str],
-                      form: str = "pooled", normalise: bool = True) -> np.ndarray:
+                      form: str = MEAN, normalise: bool = True) -> np.ndarray:
     """h(with) - h(without), averaged over prompt pairs (e.g. "a drawing of a large cat" - "a drawing of a cat")."""
     a = np.atleast_2d(lat.get([with_word] if isinstance(with_word, str) else list(with_word), form))
     b = np.atleast_2d(lat.get([without] if isinstance(without, str) else list(without), form))
@@ -38,7 +39,7 @@ def attribute_prompts(nouns: Sequence[str], attributes: Sequence[str] | None = N
     return {"neutral": neutral, "pairs": pairs, "all": list(neutral.values()) + list(pairs.values())}
 
 
-def attribute_axis(lat: PromptH, nouns: Sequence[str], attribute: str, form: str = "pooled",
+def attribute_axis(lat: PromptH, nouns: Sequence[str], attribute: str, form: str = MEAN,
                    normalise: bool = True, template: str | None = None) -> np.ndarray:
     """Axis of an attribute from its word pair, averaged over nouns: mean_n [h(high, n) - h(low, n)]."""
     a = ATTRIBUTES[attribute]
@@ -49,7 +50,7 @@ def attribute_axis(lat: PromptH, nouns: Sequence[str], attribute: str, form: str
 
 
 def attribute_axes_by_step(lat: PromptH, nouns: Sequence[str], attribute: str, timesteps: Sequence[int],
-                           form: str = "flat", normalise: bool = False,
+                           form: str = FLAT, normalise: bool = False,
                            template: str | None = None) -> dict[int, np.ndarray]:
     """The attribute axis of each captured sampling step, keyed by that step's timestep ({t: axis}), for
     steering with the direction h actually takes at each step (:class:`SteeringHook` takes the mapping).

@@ -16,8 +16,9 @@ import numpy as np
 import pandas as pd
 
 from ..captions import ATTRIBUTES, attribute_prompt, neutral_prompt
+from ..pooling import FLAT, H_FORMS, MEAN, check_pooling
 from .axes import attribute_axis, mirror_axis, word_axis
-from .prompt_runs import FORMS, PromptH
+from .prompt_runs import PromptH
 from .word_maps import WordMap, unit
 
 
@@ -28,7 +29,7 @@ CENTRES = ("class", "global")
 
 
 def bias_scores(lat: PromptH, nouns: Sequence[str], attributes: Sequence[str] | None = None,
-                form: str = "pooled", method: str = "axis", centre: str = "global",
+                form: str = MEAN, method: str = "axis", centre: str = "global",
                 axes: dict[str, np.ndarray] | None = None, template: str | None = None) -> pd.DataFrame:
     """How much each neutral prompt leans to the high word of each attribute.
 
@@ -91,10 +92,8 @@ def _step_axes(lat: PromptH, word_maps: dict[int, "WordMap"], attributes: list[s
 
 
 def _pool(h: np.ndarray, lat: PromptH, form: str) -> np.ndarray:
-    """Flat h (..., C*h*w) -> the requested form (pooled: mean over space)."""
-    if form not in FORMS:
-        raise ValueError(f"unknown form {form!r}; valid: {list(FORMS)}")
-    if form == "flat":
+    """Flat h (..., C*h*w) -> the requested form (MEAN: mean over space)."""
+    if check_pooling(form, H_FORMS, "form") == FLAT:
         return h
     if lat.shape is None:
         raise ValueError("pooled projections of flat h need the block's output shape (lat.shape)")
@@ -102,7 +101,7 @@ def _pool(h: np.ndarray, lat: PromptH, form: str) -> np.ndarray:
 
 
 def caption_axis_projections(lat: PromptH, word_maps: dict[int, "WordMap"], nouns: Sequence[str],
-                             attributes: Sequence[str] | None = None, form: str = "flat", method: str = "mean_diff",
+                             attributes: Sequence[str] | None = None, form: str = FLAT, method: str = "mean_diff",
                              template: str | None = None, per_seed: bool = False, mirror: bool = False) -> np.ndarray:
     """Neutral prompts' h projected on each step's caption-map word axes (high word - low word, :func:`word_axis`).
 
@@ -114,7 +113,7 @@ def caption_axis_projections(lat: PromptH, word_maps: dict[int, "WordMap"], noun
     """
     attributes = list(ATTRIBUTES) if attributes is None else list(attributes)
     axes = _step_axes(lat, word_maps, attributes, method)
-    if mirror and form == "flat":
+    if mirror and form == FLAT:
         if lat.shape is None or len(lat.shape) != 3:
             raise ValueError(f"mirror needs spatial h (C, h, w); these have shape {lat.shape}")
         axes = [np.stack([mirror_axis(ax[j], lat.shape, ATTRIBUTES[a].mirror) for j, a in enumerate(attributes)])
@@ -152,7 +151,7 @@ def scores_frame(scores: np.ndarray, nouns: Sequence[str], attributes: Sequence[
 
 
 def caption_axis_bias(lat: PromptH, word_maps: dict[int, "WordMap"], nouns: Sequence[str],
-                      attributes: Sequence[str] | None = None, form: str = "flat", method: str = "mean_diff",
+                      attributes: Sequence[str] | None = None, form: str = FLAT, method: str = "mean_diff",
                       template: str | None = None, seeds: np.ndarray | None = None, mirror: bool = False
                       ) -> pd.DataFrame:
     """Bias read along the sampling trajectory with axes named by caption words (METHODS.md §2 steps 3-4).
@@ -305,12 +304,12 @@ def stepwise_rho(lat: PromptH, nouns: Sequence[str], truth: pd.DataFrame,
     rows = []
     for step in range(lat.pooled_steps.shape[1]):
         one = PromptH(lat.prompts, lat.pooled_steps[:, step], None, shape=lat.shape)
-        scores = bias_scores(one, nouns, attributes, form="pooled", centre=centre)
+        scores = bias_scores(one, nouns, attributes, form=MEAN, centre=centre)
         rows.append(compare_with_ground_truth(scores, truth).assign(step=step))
     return pd.concat(rows, ignore_index=True)
 
 
-def cluster_prompts(lat: PromptH, prompts: Sequence[str] | None = None, form: str = "pooled",
+def cluster_prompts(lat: PromptH, prompts: Sequence[str] | None = None, form: str = MEAN,
                     metric: str = "cosine", method: str = "average") -> dict[str, Any]:
     """Hierarchical clustering of prompt h (scipy linkage); returns {"linkage", "labels", "order"}."""
     from scipy.cluster.hierarchy import leaves_list, linkage
@@ -324,7 +323,7 @@ def cluster_prompts(lat: PromptH, prompts: Sequence[str] | None = None, form: st
 
 
 def caption_retrieval(lat: PromptH, image_h: dict[int, np.ndarray], labels: np.ndarray,
-                      nouns: Sequence[str], steps: dict[int, int], form: str = "flat", k: Sequence[int] = (1, 5),
+                      nouns: Sequence[str], steps: dict[int, int], form: str = FLAT, k: Sequence[int] = (1, 5),
                       template: str | None = None) -> pd.DataFrame:
     """Image-conditioning check of the prompt h: does h of a real captioned image, noised to t, sit
     closest to its own class's prompt h among the other classes'?

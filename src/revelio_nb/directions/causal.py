@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ..captions import ATTRIBUTES, neutral_prompt
 from ..capture import HookHandles
 from ..models import DiffusionModel
+from ..pooling import FLAT
 from .axes import attribute_axes_by_step, attribute_axis
 from .prompt_runs import PromptH, SampleConfig, block_module, generate, step_timesteps
 
@@ -165,7 +166,7 @@ def steer_attributes(model: DiffusionModel, lat: PromptH, nouns: Sequence[str], 
             steps = int((lat.config or {}).get("steps") or len(lat.capture_steps or []))
             direction = attribute_axes_by_step(lat, nouns, a, step_timesteps(model, steps), template=template)
         else:
-            direction = attribute_axis(lat, nouns, a, form="flat", normalise=False, template=template)
+            direction = attribute_axis(lat, nouns, a, form=FLAT, normalise=False, template=template)
         strips[a] = steer(model, prompts, direction, strengths, cfg, progress=progress)
         effects.append(steering_effect(strips[a], a))
     return strips, pd.concat(effects, ignore_index=True)

@@ -2,7 +2,8 @@
 
 :class:`SampleConfig` says how prompts are sampled; :func:`generate` samples them with
 :func:`revelio_nb.sampling.denoise_loop` and hands h of ``config.block`` (conditional and / or neutral pass) to a
-callback; :func:`prompt_h` averages it into a :class:`PromptH` (one h vector per prompt, pooled and flattened) and
+callback; :func:`prompt_h` averages it into a :class:`PromptH` (one h vector per prompt, in both forms of
+:mod:`revelio_nb.pooling`'s ``H_FORMS``: ``MEAN`` over space and ``FLAT``) and
 caches the run (:func:`revelio_nb.artifacts.prompt_h_dir`); :func:`text_encoder_embeddings` is the text-encoder
 baseline in the same container. "h" is the output of the bottleneck block (``mid_block``), not an SAE latent.
 """
@@ -22,12 +23,10 @@ from .. import artifacts
 from ..capture import validate_blocks
 from ..models import DiffusionModel
 from ..paths import atomic_path, atomic_write_json
+from ..pooling import H_FORMS, MEAN, check_pooling
 
 if TYPE_CHECKING:
     from .causal import SteeringHook
-
-
-FORMS = ("pooled", "flat")
 
 
 H_CONDITIONS = ("prompt", "neutral")
@@ -208,14 +207,14 @@ def generate(
 class PromptH:
     """One h vector per prompt (averaged over seeds and steps), pooled and flattened, with the reference mean.
 
-    ``pooled``/``flat`` are *uncentred*; :meth:`get` subtracts the reference. ``pooled_steps`` keeps the
-    per-step seed means (P, steps, C) for step-wise analyses.
+    ``pooled`` (the ``MEAN`` form) and ``flat`` (the ``FLAT`` form) are *uncentred*; :meth:`get` subtracts the
+    reference. ``pooled_steps`` keeps the per-step seed means (P, steps, C) for step-wise analyses.
     """
 
     prompts: list[str]
     pooled: np.ndarray  # (P, C)
     flat: np.ndarray | None  # (P, C*h*w) or None (e.g. text-encoder embeddings)
-    reference: dict[str, np.ndarray] = field(default_factory=dict)  # form -> (d,) mean subtracted by get()
+    reference: dict[str, np.ndarray] = field(default_factory=dict)  # form (MEAN, FLAT) -> (d,) mean subtracted by get()
     pooled_steps: np.ndarray | None = None  # (P, steps, C)
     shape: tuple[int, ...] | None = None  # (C, h, w) of the block output
     flat_steps: np.ndarray | None = None  # (P, len(capture_steps), C*h*w): flat h of each capture step, when > 1
@@ -239,16 +238,15 @@ class PromptH:
         return prompt in self._index
 
     def forms(self) -> list[str]:
-        return [f for f in FORMS if self.raw(f) is not None]
+        return [f for f in H_FORMS if self.raw(f) is not None]
 
-    def raw(self, form: str = "pooled") -> np.ndarray | None:
-        if form not in FORMS:
-            raise ValueError(f"unknown form {form!r}; valid: {list(FORMS)}")
-        return self.pooled if form == "pooled" else self.flat
+    def raw(self, form: str = MEAN) -> np.ndarray | None:
+        check_pooling(form, H_FORMS, "form")
+        return self.pooled if form == MEAN else self.flat
 
     def set_reference(self, reference: "PromptH | Sequence[str] | None" = None) -> "PromptH":
         """Subtract the mean of ``reference`` (another PromptH, or a subset of these prompts; default: all)."""
-        for form in FORMS:
+        for form in H_FORMS:
             arr = self.raw(form)
             if arr is None:
                 continue
@@ -294,7 +292,7 @@ class PromptH:
             raise KeyError(f"prompts not in these prompt h: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
         return np.array([self._index[p] for p in prompts], dtype=np.int64)
 
-    def get(self, prompts: str | Sequence[str] | None = None, form: str = "pooled") -> np.ndarray:
+    def get(self, prompts: str | Sequence[str] | None = None, form: str = MEAN) -> np.ndarray:
         """Centred h (reference subtracted) of some prompts (all by default); one prompt -> (d,)."""
         arr = self.raw(form)
         if arr is None:

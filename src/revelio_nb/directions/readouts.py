@@ -17,6 +17,7 @@ import pandas as pd
 
 from .. import captions
 from ..models import DiffusionModel
+from ..pooling import FLAT, MEAN
 from .axes import attribute_axis, attribute_prompts
 from .bias import cluster_prompts, score_table
 from .prompt_runs import PromptH, SampleConfig, prompt_h, text_encoder_embeddings
@@ -62,8 +63,8 @@ def neutral_clusters(model: DiffusionModel, study: BiasStudy) -> dict[str, dict[
     """Hierarchical clusters of the neutral prompts: on h (flat, first seed set) and on the text encoder."""
     neutral = [captions.neutral_prompt(n) for n in study.nouns]
     first = study.neutral_h[study.seed_set_labels[0]]
-    return {"diffusion h": cluster_prompts(first, neutral, form="flat"),
-            "text encoder": cluster_prompts(text_encoder_embeddings(model, neutral), neutral, form="pooled")}
+    return {"diffusion h": cluster_prompts(first, neutral, form=FLAT),
+            "text encoder": cluster_prompts(text_encoder_embeddings(model, neutral), neutral, form=MEAN)}
 
 
 def short_prompt(prompt: str) -> str:
@@ -76,10 +77,10 @@ def named_directions(study: BiasStudy, prompt_pass_h: PromptH, t_map: int, n_pcs
     """Words naming the prompt-pair attribute axes (pooled) and the first ``n_pcs`` principal axes of the
     caption-map images' pooled h at ``t_map``, by a ridge word map fitted on that h. Returns (named rows of
     :meth:`WordMap.name`, the pooled h, the word map)."""
-    h = study.map_h(t_map, "pooled")
+    h = study.map_h(t_map, MEAN)
     wm = fit_word_map(h, study.map_captions, alpha=1.0)
     attrs = study.config.attributes
-    axes = [attribute_axis(prompt_pass_h, study.nouns, a, form="pooled") for a in attrs]
+    axes = [attribute_axis(prompt_pass_h, study.nouns, a, form=MEAN) for a in attrs]
     pcs, evr = pca_directions(h, n=n_pcs, seed=seed)
     named = pd.concat([wm.name(axes, k=k, names=[f"axis {a}" for a in attrs]),
                        wm.name(pcs, k=k, names=[f"PC{i + 1} ({r:.0%})" for i, r in enumerate(evr)])])

@@ -33,10 +33,11 @@ import pandas as pd
 
 from .. import captions as C
 from ..models import DiffusionModel
+from ..pooling import FLAT, H_FORMS, MAP, MEAN, check_pooling
 from .axes import attribute_prompts
 from .bias import (bias_scores, caption_axis_bias, caption_axis_projections, caption_retrieval, combine_steps,
                    compare_with_ground_truth, generated_attribute_scores, rho_by_seed_set, scores_frame)
-from .prompt_runs import FORMS, PromptH, SampleConfig, prompt_h, step_index, text_encoder_embeddings
+from .prompt_runs import PromptH, SampleConfig, prompt_h, step_index, text_encoder_embeddings
 from .word_maps import WORD_METHODS, WordMap, fit_word_map
 
 
@@ -51,7 +52,7 @@ class BiasStudyConfig:
     steps: int = 10  # DDIM steps
     guidance_scale: float = 1.0
     t_maps: list[int] = field(default_factory=lambda: [0])  # caption maps; the score reads h at these t
-    form: str = "flat"  # "flat" (C*h*w: where things are) or "pooled" (C)
+    form: str = FLAT  # "flat" (C*h*w: where things are) or "mean" (C), :mod:`revelio_nb.pooling`
     axis_method: str = "whitened"  # word axes: "whitened" (shrinkage LDA), "mean_diff" or "ridge" (fit_word_map)
     shrinkage: float = 10.0  # of the whitened axes (x the mean variance per dimension of h)
     mirror: bool = True  # flat axes keep only their attribute's mirror parity (facing antisymmetric, others symmetric)
@@ -74,8 +75,7 @@ class BiasStudyConfig:
             raise ValueError(f"retrieval_max_images must be >= 0, got {self.retrieval_max_images}")
         if not self.t_maps:
             raise ValueError("t_maps is empty: give at least one timestep, e.g. [0, 100]")
-        if self.form not in FORMS:
-            raise ValueError(f"form {self.form!r} is not one of {list(FORMS)}")
+        check_pooling(self.form, H_FORMS, "form")
         if self.axis_method not in WORD_METHODS:
             raise ValueError(f"axis_method {self.axis_method!r} is not one of {list(WORD_METHODS)}")
         if not self.shrinkage > 0:
@@ -98,7 +98,7 @@ class BiasStudy:
     nouns: list[str]
     truth: pd.DataFrame  # captions.ground_truth rows of the studied attributes (training split)
     caption_set: C.CaptionSet
-    store: Any  # feature store behind the caption maps (training images, t_maps, pooling "none")
+    store: Any  # feature store behind the caption maps (training images, t_maps, pooling "map")
     word_maps: dict[int, WordMap]  # capture step -> caption map at that step's timestep
     map_steps: dict[int, int]  # t -> capture step (one t per step when several t_maps fall on one step)
     neutral_h: dict[str, PromptH]  # seed-set label -> neutral prompts' h (neutral pass)
@@ -122,12 +122,12 @@ class BiasStudy:
         """The caption of every row of :attr:`store` (the images behind the caption maps)."""
         return [self.caption_set.captions[i] for i in self.store.indices]
 
-    def map_h(self, t: int, form: str = "pooled") -> np.ndarray:
+    def map_h(self, t: int, form: str = MEAN) -> np.ndarray:
         """h of the caption-map images at timestep ``t`` (one of ``t_maps``): pooled (N, C) or flat (N, C*h*w)."""
         if t not in self.store.timesteps:
             raise ValueError(f"t={t} is not in the caption-map store; t_maps: {sorted(self.store.timesteps)}")
         h = np.asarray(self.store.array("mid_block", t), np.float32)
-        return h.mean((2, 3)) if form == "pooled" else h.reshape(len(h), -1)
+        return h.mean((2, 3)) if check_pooling(form, H_FORMS, "form") == MEAN else h.reshape(len(h), -1)
 
     def rho_table(self) -> pd.DataFrame:
         """rho per attribute (rows) and seed set (columns), the worst set and all sets at once."""
@@ -171,13 +171,13 @@ def bias_study(model: DiffusionModel, dataset, config: BiasStudyConfig | None = 
     map_steps = steps_of(model, cfg.t_maps, cfg.steps)
     store = features.extract_features(features.ExtractionConfig(
         model=model.model_id, dataset=dataset.name, split="train", blocks=["mid_block"],
-        timesteps=sorted(set(int(t) for t in cfg.t_maps)), pooling="none", max_images=cfg.map_max_images, seed=cfg.seed,
+        timesteps=sorted(set(int(t) for t in cfg.t_maps)), pooling=MAP, max_images=cfg.map_max_images, seed=cfg.seed,
         batch_size=cfg.batch_size), model=model, dataset=dataset, progress=progress)
     caps = [cs.captions[i] for i in store.indices]
     word_maps = {}
     for t, step in map_steps.items():
         h = np.asarray(store.array("mid_block", t), np.float32)
-        word_maps[step] = fit_word_map(h.reshape(len(h), -1) if cfg.form == "flat" else h.mean((2, 3)), caps,
+        word_maps[step] = fit_word_map(h.reshape(len(h), -1) if cfg.form == FLAT else h.mean((2, 3)), caps,
                                          shrinkage=cfg.shrinkage if cfg.axis_method == "whitened" else None)
 
     # neutral prompts on independent seed sets (each also captures the retrieval steps)
@@ -206,14 +206,14 @@ def bias_study(model: DiffusionModel, dataset, config: BiasStudyConfig | None = 
     # text-encoder baseline: the paper's prompt-pair axes on the frozen text encoder's embeddings
     prompts = attribute_prompts(nouns, attrs)
     base = text_encoder_embeddings(model, prompts["all"])
-    te = bias_scores(base, nouns, attrs, form="pooled")
+    te = bias_scores(base, nouns, attrs, form=MEAN)
     refs.append(compare_with_ground_truth(te, truth, label="text encoder").assign(seed_set="-"))
 
     retrieval = None
     if cfg.retrieval_max_images:
         test = features.extract_features(features.ExtractionConfig(
             model=model.model_id, dataset=dataset.name, split="test", blocks=["mid_block"],
-            timesteps=sorted(retrieval_steps), pooling="none" if cfg.form == "flat" else "mean",
+            timesteps=sorted(retrieval_steps), pooling=MAP if cfg.form == FLAT else MEAN,
             max_images=cfg.retrieval_max_images, seed=cfg.seed, batch_size=cfg.batch_size),
             model=model, dataset=dataset, progress=progress)
         image_h = {t: np.asarray(test.array("mid_block", t), np.float32) for t in retrieval_steps}
@@ -238,25 +238,25 @@ def readout_variants(study: BiasStudy, prompt_pass_h: PromptH | None = None
     first = study.seed_set_labels[0]
     lat = study.neutral_h[first]
     cfg = study.config
-    other_form = "pooled" if cfg.form == "flat" else "flat"
+    other_form = MEAN if cfg.form == FLAT else FLAT
     maps = {cfg.form: study.word_maps if study.word_maps[next(iter(study.word_maps))].whitened is not None else
             {step: fit_word_map(study.map_h(t, cfg.form), study.map_captions, shrinkage=cfg.shrinkage)
              for t, step in study.map_steps.items()},
             other_form: {step: fit_word_map(study.map_h(t, other_form), study.map_captions, shrinkage=cfg.shrinkage)
                          for t, step in study.map_steps.items()}}
     scores = {f"score: h neutral prompts, {cfg.form}, caption-map {cfg.axis_method} axes"
-              f"{', mirror parity' if cfg.mirror and cfg.form == 'flat' else ''}": study.scores[first]}
+              f"{', mirror parity' if cfg.mirror and cfg.form == FLAT else ''}": study.scores[first]}
     plain = "mean_diff" if cfg.axis_method != "mean_diff" else "whitened"
     for form, method, mirror in ((cfg.form, cfg.axis_method, not cfg.mirror), (cfg.form, plain, cfg.mirror),
                                  (cfg.form, plain, not cfg.mirror), (other_form, cfg.axis_method, False)):
-        if form == "pooled" and mirror:
+        if form == MEAN and mirror:
             continue
         label = f"h neutral prompts, {form}, caption-map {method} axes{', mirror parity' if mirror else ''}"
         scores[label] = caption_axis_bias(lat, maps[form], nouns, attrs, form=form, method=method, mirror=mirror)
     if prompt_pass_h is not None:
-        for name, (form, centre) in {"h prompt pass, flat": ("flat", "global"),
-                                     "h prompt pass, pooled": ("pooled", "global"),
-                                     "h prompt pass, flat, class centre": ("flat", "class")}.items():
+        for name, (form, centre) in {"h prompt pass, flat": (FLAT, "global"),
+                                     "h prompt pass, mean": (MEAN, "global"),
+                                     "h prompt pass, flat, class centre": (FLAT, "class")}.items():
             scores[name] = bias_scores(prompt_pass_h, nouns, attrs, form=form, centre=centre)
     scores["text encoder"] = study.text_encoder_scores
     scores["generated images (measured)"] = generated_attribute_scores(lat, nouns, attrs)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .. import artifacts
 from ..models import DiffusionModel
+from ..pooling import FLAT, MEAN
 
 
 DEFAULT_STOPWORDS = frozenset({"a", "an", "the", "of", "drawing", "photo", "facing", "with", "and", "in", "on"})
@@ -59,7 +60,8 @@ class CaptionMapConfig:
 def caption_features(model: DiffusionModel, images: torch.Tensor, captions: Sequence[str] | None = None,
                      config: CaptionMapConfig | None = None, progress: bool = True,
                      indices: Sequence[int] | None = None) -> dict[str, np.ndarray]:
-    """Pooled and flattened h of real images (float (N, C, H, W) in [-1, 1]) noised to ``t``.
+    """h of real images (float (N, C, H, W) in [-1, 1]) noised to ``t``, in both forms: ``{MEAN: (N, C), FLAT:
+    (N, C*h*w)}`` (:mod:`revelio_nb.pooling`).
 
     The noise of each image is the feature stores' (:func:`revelio_nb.features.noise_for` of its index in
     ``indices``, default its position, ``t``, the draw and ``seed``), so with neutral conditioning the rows equal
@@ -97,7 +99,7 @@ def caption_features(model: DiffusionModel, images: torch.Tensor, captions: Sequ
             h = acc / cfg.n_noise
             pooled.append(h.flatten(2).mean(-1).numpy() if h.ndim == 4 else h.numpy())
             flat.append(h.reshape(len(h), -1).numpy())
-    return {"pooled": np.concatenate(pooled), "flat": np.concatenate(flat)}
+    return {MEAN: np.concatenate(pooled), FLAT: np.concatenate(flat)}
 
 
 def caption_words(caption: str, stopwords: frozenset[str] = DEFAULT_STOPWORDS) -> list[str]:

@@ -18,10 +18,10 @@ from tqdm.auto import tqdm
 
 from .. import __version__, artifacts
 from ..data import ImageDataset, load_dataset
-from ..features.extract import PRECISIONS, resolve_device, stratified_subset
+from ..features.extract import PRECISIONS, check_store_config, resolve_device, stratified_subset
 from ..features.microbatch import MicroBatch
-from ..features.store import (STORE_DTYPES, FeatureStore, StoreMismatchError, allocate_store, array_key, chunk_sha,
-                              open_for_writing, write_manifest, writing)
+from ..features.store import (FeatureStore, StoreMismatchError, allocate_store, array_key, chunk_sha, open_for_writing,
+                              write_manifest, writing)
 from .allowlist import BASE_BLOCKS, NO_TIMESTEP, SPLITS, EncoderError
 from .model import VisionEncoder, load_encoder
 
@@ -43,18 +43,9 @@ class EncoderExtractionConfig:
     device: str = "auto"
 
     def validate(self) -> "EncoderExtractionConfig":
-        if self.store_dtype not in STORE_DTYPES:
-            raise EncoderError(f"store_dtype {self.store_dtype!r} is not one of {list(STORE_DTYPES)}")
-        if self.precision not in PRECISIONS:
-            raise EncoderError(f"precision {self.precision!r} is not one of {list(PRECISIONS)}")
+        check_store_config(self, EncoderError)
         if self.split not in SPLITS:
             raise EncoderError(f"split {self.split!r} is not one of {list(SPLITS)}")
-        if isinstance(self.blocks, str):
-            self.blocks = [self.blocks]
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise EncoderError(f"batch_size must be a positive integer, got {self.batch_size!r}")
-        if self.max_images is not None and (not isinstance(self.max_images, int) or self.max_images < 1):
-            raise EncoderError(f"max_images must be None or a positive integer, got {self.max_images!r}")
         return self
 
     def identity(self) -> dict[str, Any]:
@@ -64,7 +55,7 @@ class EncoderExtractionConfig:
         d.pop("device")
         d["model"] = d.pop("encoder")
         d["timesteps"] = [NO_TIMESTEP]
-        d["pooling"] = "encoder"  # per block: vectors (cls, mean) or grids (patch, layers.N)
+        d["pooling"] = "encoder"  # per block (each array's "kind"): vectors (cls, mean) or grids (patch, layers.N)
         return d
 
 

@@ -2,9 +2,10 @@
 
 For a model, a dataset split, some blocks and timesteps: images are encoded once (VAE for latent models),
 noised with the model's own schedule using noise seeded per (image, t, draw), passed once per timestep through
-the denoiser with neutral conditioning (by default), and the captured block outputs are mean-pooled (one vector
-per image) or kept as spatial maps. :class:`ExtractionConfig` says what to extract; :func:`extract_features`
-extracts (or resumes, or returns the cached store).
+the denoiser with neutral conditioning (by default), and the captured block outputs are pooled as
+:mod:`revelio_nb.pooling` says: ``MEAN`` (one vector per image) or ``MAP`` (the (C, h, w) map kept).
+:class:`ExtractionConfig` says what to extract; :func:`extract_features` extracts (or resumes, or returns the cached
+store); :func:`check_store_config` holds the checks every feature-store config shares (the vision encoders' too).
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ from .. import __version__, artifacts
 from ..data import ImageDataset, load_dataset
 from ..capture import FeatureCapture, validate_blocks
 from ..models import DiffusionModel, load_model
+from ..pooling import MEAN, STORE_POOLINGS, check_pooling
 from .microbatch import MicroBatch
 from .store import (STORE_DTYPES, FeatureStore, allocate_store, array_key, chunk_sha, open_for_writing, write_manifest,
                     writing)
 
-POOLINGS = ("mean", "none")
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}  # autocast dtype of the denoiser pass
 
 
@@ -40,7 +41,7 @@ class ExtractionConfig:
     split: str = "train"
     blocks: list[str] = field(default_factory=lambda: ["mid_block"])
     timesteps: list[int] = field(default_factory=lambda: [25])
-    pooling: str = "mean"  # "mean": one vector per image; "none": keep (C, h, w) maps
+    pooling: str = MEAN  # MEAN ("mean"): one vector per image; MAP ("map"): keep (C, h, w) maps
     n_noise: int = 1  # average features over this many seeded noise draws
     seed: int = 0
     image_size: int | None = None  # None: the model's native size
@@ -55,25 +56,16 @@ class ExtractionConfig:
     device: str = "auto"
 
     def validate(self) -> "ExtractionConfig":
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling {self.pooling!r} is not one of {list(POOLINGS)}")
-        if self.store_dtype not in STORE_DTYPES:
-            raise ValueError(f"store_dtype {self.store_dtype!r} is not one of {list(STORE_DTYPES)}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision {self.precision!r} is not one of {list(PRECISIONS)}")
-        if isinstance(self.blocks, str):
-            self.blocks = [self.blocks]
+        check_pooling(self.pooling, STORE_POOLINGS, "pooling")
+        check_store_config(self)
         if isinstance(self.timesteps, (int, np.integer)):
             self.timesteps = [int(self.timesteps)]
         if not self.timesteps:
             raise ValueError("timesteps is empty: give at least one, e.g. [25]")
         if len(set(self.timesteps)) != len(self.timesteps):
             raise ValueError(f"timesteps has duplicates: {self.timesteps}")
-        for name in ("n_noise", "batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.max_images is not None and self.max_images < 1:
-            raise ValueError(f"max_images must be None or a positive integer, got {self.max_images!r}")
+        if not isinstance(self.n_noise, int) or self.n_noise < 1:
+            raise ValueError(f"n_noise must be a positive integer, got {self.n_noise!r}")
         if self.image_size is not None and (not isinstance(self.image_size, (int, np.integer)) or self.image_size < 1):
             raise ValueError(f"image_size must be None (the model's native size) or a positive integer, "
                              f"got {self.image_size!r}")
@@ -85,6 +77,23 @@ class ExtractionConfig:
         d = asdict(self)
         d.pop("device")
         return d
+
+
+def check_store_config(cfg: Any, error: type[ValueError] = ValueError) -> None:
+    """The checks every feature-store config shares (:class:`ExtractionConfig`, the vision encoders'
+    ``EncoderExtractionConfig``), raising ``error``: ``store_dtype``, ``precision``, ``blocks`` (one name becomes a
+    list), ``batch_size`` and ``max_images``."""
+    if cfg.store_dtype not in STORE_DTYPES:
+        raise error(f"store_dtype {cfg.store_dtype!r} is not one of {list(STORE_DTYPES)}")
+    if cfg.precision not in PRECISIONS:
+        raise error(f"precision {cfg.precision!r} is not one of {list(PRECISIONS)}")
+    if isinstance(cfg.blocks, str):
+        cfg.blocks = [cfg.blocks]
+    if isinstance(cfg.batch_size, bool) or not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
+        raise error(f"batch_size must be a positive integer, got {cfg.batch_size!r}")
+    m = cfg.max_images
+    if m is not None and (isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1):
+        raise error(f"max_images must be None or a positive integer, got {m!r}")
 
 
 def noise_for(index: int, t: int, draw: int, seed: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -150,7 +159,7 @@ def create_store(path: Path, cfg: ExtractionConfig, model: DiffusionModel, ds: I
     for t in cfg.timesteps:
         for b in cfg.blocks:
             key = array_key(b, t)
-            shape = (n, shapes[b][0]) if cfg.pooling == "mean" else (n, *shapes[b])
+            shape = (n, shapes[b][0]) if cfg.pooling == MEAN else (n, *shapes[b])
             arrays[key] = {"file": key.replace("/", "_") + ".npy", "block": b, "t": int(t), "shape": list(shape)}
     manifest = {
         "format": "revelio-feature-store/1",
@@ -249,7 +258,7 @@ def extract_features(
                         with torch.autocast(device_type=x_t.device.type, dtype=autocast_dtype,
                                             enabled=autocast_dtype is not None):
                             feats = cap.run(x_t[s], t, _slice_cond(cond, s, len(idx)))
-                        return {b: (f.float().mean(dim=(2, 3)) if cfg.pooling == "mean" else f.float()).cpu()
+                        return {b: (f.float().mean(dim=(2, 3)) if cfg.pooling == MEAN else f.float()).cpu()
                                 for b, f in feats.items()}
 
                     parts = micro.run(forward, len(idx), f"denoiser pass at t={t}")

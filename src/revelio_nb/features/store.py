@@ -11,7 +11,9 @@ Layout (a folder)::
 Rows are written in fixed chunks; a chunk counts as done only after its rows are flushed and its record is
 atomically replaced, so an interrupted run resumes at the first unfinished chunk and can never misalign rows.
 
-* :class:`FeatureStore`: open (refusing another config / model / cache key), read arrays, chunks, verify checksums.
+* :class:`FeatureStore`: open (refusing another config / model / cache key; a manifest of an earlier version is read
+  with its pooling in today's spelling, :func:`revelio_nb.pooling.read_pooling_field`), read arrays, chunks, verify
+  checksums.
 * :func:`allocate_store`: a new empty store from its manifest (disk space checked, files allocated).
 * :func:`open_for_writing`: open a store to fill it (or create it), with the per-writer progress record.
 * :func:`writing`, :func:`chunk_sha`, :func:`write_manifest`: the pieces every store writer shares (diffusion
@@ -33,6 +35,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol
 import numpy as np
 
 from ..paths import atomic_write_json
+from ..pooling import read_pooling_field
 
 
 STORE_DTYPES = ("float32", "float16")
@@ -115,7 +118,10 @@ class FeatureStore:
         mf = path / "manifest.json"
         if not mf.is_file():
             raise FileNotFoundError(f"{path} is not a feature store (no manifest.json)")
-        store = cls(path, json.loads(mf.read_text()))
+        manifest = json.loads(mf.read_text())
+        if isinstance(manifest.get("config"), dict):  # a store of an earlier version: pooling "none" is now "map"
+            manifest["config"] = read_pooling_field(manifest["config"])
+        store = cls(path, manifest)
         store.check(expect, weights_hash)
         if not allow_incomplete and store.manifest.get("status") != "complete":
             done, total = len(store.done_chunks()), store.manifest["n_chunks"]

@@ -22,7 +22,7 @@ Selection (``C``, early-stopping epoch, best block/timestep) only ever reads the
 from . import columns, transfer
 from .baselines import baseline_runs, pixel_probe_data, random_init_model, train_supervised_cnn
 from .compare import ComparisonEntry, compare_models, comparison_summary, load_any, on_datasets
-from .data import POOLS, SPLITS, ProbeData, ProbeError, ProbeResult, probe_data
+from .data import SPLITS, ProbeData, ProbeError, ProbeResult, probe_data
 from .diffc import DiffC, DiffCConfig, train_diffc
 from .linear import LinearProbeConfig, fit_linear_probe
 from .plots import comparison_barplot, layer_profile, summary_barplot, sweep_heatmap
@@ -31,7 +31,7 @@ from .sweep import best_cells, extract_splits, linear_sweep, main_blocks, probe_
 from .vision import encoder_runs
 
 __all__ = [
-    "POOLS", "SPLITS", "ComparisonEntry", "DiffC", "DiffCConfig", "LinearProbeConfig", "ProbeData", "ProbeError",
+    "SPLITS", "ComparisonEntry", "DiffC", "DiffCConfig", "LinearProbeConfig", "ProbeData", "ProbeError",
     "ProbeResult", "baseline_runs", "best_by_validation", "best_cells", "columns", "compare_models",
     "comparison_barplot", "comparison_summary", "encoder_runs", "extract_splits", "fit_linear_probe", "fmt_pm",
     "headline", "layer_profile", "linear_sweep", "load_any", "main_blocks", "on_datasets", "pixel_probe_data",

@@ -14,6 +14,7 @@ import pandas as pd
 from ..data import ImageDataset
 from ..features import stratified_subset
 from ..models import DiffusionModel
+from ..pooling import FLAT
 from .data import SPLITS, ProbeData, ProbeError, ProbeResult
 from .diffc import DiffCConfig, train_diffc
 from .linear import LinearProbeConfig, fit_linear_probe
@@ -33,7 +34,7 @@ def pixel_probe_data(dataset: ImageDataset, size: int = 32, max_images: int | No
         xs[s] = dataset.tensor(idx, size=size, channels=channels).numpy()
         ys[s] = dataset.labels[idx]
     return ProbeData(xs["train"], ys["train"], xs["val"], ys["val"], xs["test"], ys["test"],
-                     name=f"pixels {size}x{size}", pool="flatten", n_classes=len(dataset.class_names))
+                     name=f"pixels {size}x{size}", pool=FLAT, n_classes=len(dataset.class_names))
 
 
 def train_supervised_cnn(pixels: ProbeData, cfg: DiffCConfig | None = None, progress: bool = True) -> ProbeResult:

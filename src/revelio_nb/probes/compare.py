@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from ..data import load_dataset
 from ..features import ExtractionConfig
 from ..models import DiffusionModel, load_model
+from ..pooling import MEAN
 from . import columns as C
 from .baselines import random_init_model
 from .data import ProbeError
@@ -78,7 +79,7 @@ def compare_models(entries: Sequence[ComparisonEntry], timesteps: Sequence[int] 
             info = {"model": model.model_id, "dataset": ds.name, "train_steps": _train_steps(model)}
             sel_cap = select_max_images if select_max_images is not None else max_images
             base = ExtractionConfig(model=model.model_id, dataset=e.dataset, classes=e.probe_classes,
-                                    blocks=main_blocks(model), timesteps=list(timesteps), pooling="mean",
+                                    blocks=main_blocks(model), timesteps=list(timesteps), pooling=MEAN,
                                     max_images=sel_cap, batch_size=batch_size, train_steps=e.train_steps)
             stores = extract_splits(base, model, ds, splits=("train", "val"), progress=progress)
             sw = linear_sweep(stores, cfg=linear, progress=progress).assign(**info)

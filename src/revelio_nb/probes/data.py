@@ -11,10 +11,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..features import FeatureStore
+from ..pooling import FLAT, MEAN, PROBE_POOLINGS, check_pooling
 
 
 SPLITS = ("train", "val", "test")
-POOLS = ("mean", "flatten")
 
 
 class ProbeError(ValueError):
@@ -29,8 +29,9 @@ class ProbeData:
     """Features and labels of the train / val / test splits for one probe.
 
     ``x_*`` are (N, D) vectors or (N, C, h, w) maps (numpy arrays or read-only memmaps of a feature store).
-    ``pool`` says how the linear probe turns maps into vectors: ``"mean"`` (spatial average, Revelio's
-    image-level vector) or ``"flatten"`` (raw pixels). The test arrays are optional.
+    ``pool`` says how the linear probe turns maps into vectors (:mod:`revelio_nb.pooling`): ``MEAN`` (``"mean"``,
+    the spatial average, Revelio's image-level vector) or ``FLAT`` (``"flat"``, the map flattened, e.g. raw pixels).
+    The test arrays are optional.
     """
 
     x_train: np.ndarray
@@ -40,12 +41,11 @@ class ProbeData:
     x_test: np.ndarray | None = None
     y_test: np.ndarray | None = None
     name: str = ""
-    pool: str = "mean"
+    pool: str = MEAN
     n_classes: int | None = None
 
     def __post_init__(self) -> None:
-        if self.pool not in POOLS:
-            raise ProbeError(f"pool {self.pool!r} is not one of {list(POOLS)}")
+        check_pooling(self.pool, PROBE_POOLINGS, "pool", error=ProbeError)
         pairs = [("train", self.x_train, self.y_train), ("val", self.x_val, self.y_val)]
         if self.x_test is not None or self.y_test is not None:
             if self.x_test is None or self.y_test is None:
@@ -82,7 +82,7 @@ class ProbeData:
             raise ProbeError(f"this ProbeData has no {split} split")
         if x.ndim == 2:
             return np.asarray(x, dtype=np.float32)
-        if self.pool == "flatten":
+        if self.pool == FLAT:
             return np.asarray(x, dtype=np.float32).reshape(len(x), -1)
         out = np.empty((len(x), x.shape[1]), dtype=np.float32)
         for i in range(0, len(x), 1024):  # chunked: memmapped maps need not fit in memory at once

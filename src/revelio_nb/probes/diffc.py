@@ -107,7 +107,7 @@ def train_diffc(data: ProbeData, cfg: DiffCConfig | None = None, method: str = "
     evaluated once on test. Maps are streamed batch by batch (memmapped stores need not fit in memory)."""
     cfg = replace(cfg or DiffCConfig()).validate()
     if not data.spatial:
-        raise ProbeError(f"Diff-C needs spatial maps (N, C, h, w) (extract with pooling='none'); {data.name!r} holds "
+        raise ProbeError(f"Diff-C needs spatial maps (N, C, h, w) (extract with pooling='map'); {data.name!r} holds "
                          f"vectors of shape {tuple(data.x_train.shape)}")
     start = time.time()
     n = len(data.y_train)

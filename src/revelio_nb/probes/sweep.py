@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ..data import ImageDataset, load_dataset
 from ..features import ExtractionConfig, FeatureStore, extract_features, stratified_subset
 from ..models import DiffusionModel, load_model
+from ..pooling import MAP
 from .data import SPLITS, ProbeError, probe_data
 from .diffc import DiffCConfig, train_diffc
 from .linear import LinearProbeConfig, fit_linear_probe
@@ -105,7 +106,7 @@ def probe_cells(model: DiffusionModel, base: ExtractionConfig, cells: Sequence[t
     for noise_seed in (seeds if vary_noise else [base.seed]):
         clf_seeds = [noise_seed] if vary_noise else list(seeds)
         for t, blocks in by_t.items():
-            cfg = replace(base, blocks=sorted(set(blocks)), timesteps=[t], pooling="none", seed=int(noise_seed))
+            cfg = replace(base, blocks=sorted(set(blocks)), timesteps=[t], pooling=MAP, seed=int(noise_seed))
             stores = extract_splits(cfg, model, dataset, progress=progress)
             for b in blocks:
                 d = probe_data(stores, (b, t))

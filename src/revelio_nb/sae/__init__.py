@@ -4,7 +4,7 @@ z = TopK(ReLU(W_enc (x - b_dec) + b_enc)),  x_hat = W_dec^T z + b_dec. Laid out 
 (config, fused encoder, sparse coder, trainer); each module imports only those above it in this list:
 
 * :mod:`.config`: :class:`SaeConfig` (architecture, ``cfg.json``), :class:`TrainConfig` (``train_cfg.json``),
-  ``TOKEN_MODES`` / ``B_DEC_INITS`` and validation; :class:`SaeError`.
+  ``B_DEC_INITS`` and validation (``SaeConfig.pooling``: :mod:`revelio_nb.pooling`); :class:`SaeError`.
 * :mod:`.kernels`: the top-k encoder and sparse decode autograd functions, and the sparse products and buffers
   the training step builds on.
 * :mod:`.model`: :class:`SparseAutoencoder` (encode, decode, FVU, AuxK) and its sparsify-layout checkpoints
@@ -17,7 +17,7 @@ z = TopK(ReLU(W_enc (x - b_dec) + b_enc)),  x_hat = W_dec^T z + b_dec. Laid out 
 * :mod:`.plots`: :func:`plot_firing_histogram`.
 """
 
-from .config import B_DEC_INITS, TOKEN_MODES, SaeConfig, SaeError, TrainConfig
+from .config import B_DEC_INITS, SaeConfig, SaeError, TrainConfig
 from .evaluate import eval_tables, evaluate_sae, save_eval
 from .kernels import dense_decode, sparse_decode
 from .model import (
@@ -33,7 +33,7 @@ from .step import SaeTrainStep
 from .train import SaeTrainingError, geometric_median, train_sae
 
 __all__ = [
-    "B_DEC_INITS", "SAE_LAYOUT_VERSION", "TOKEN_MODES",
+    "B_DEC_INITS", "SAE_LAYOUT_VERSION",
     "ArraySource", "EncoderOutput", "ForwardOutput", "SaeConfig", "SaeError", "SaeTrainStep", "SaeTrainingError",
     "SparseAutoencoder", "TrainConfig",
     "as_source", "batch_tokens", "checkpoint_metadata", "dense_decode", "eval_tables", "evaluate_sae",

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-TOKEN_MODES = ("auto", "pooled", "spatial")
+from ..pooling import AUTO, SAE_POOLINGS, check_pooling
+
 B_DEC_INITS = ("median", "mean", "zeros")
 
 
@@ -31,8 +32,10 @@ class SaeConfig:
     folded exactly into the saved weights, so the sparsify folder works on raw features."""
     b_dec_init: str = "median"
     """``median`` (geometric), ``mean`` or ``zeros``."""
-    tokens: str = "auto"
-    """``pooled`` (one vector per image), ``spatial`` (one token per position) or ``auto`` (from the features)."""
+    pooling: str = AUTO
+    """What one token is (:mod:`revelio_nb.pooling`): ``"mean"`` (one vector per image), ``"tokens"`` (one token per
+    spatial position) or ``"auto"`` (from the features: ``"mean"`` for vectors, ``"tokens"`` for maps). A ``cfg.json``
+    of an earlier version names it ``tokens`` (``"pooled"`` / ``"spatial"``) and is read as this."""
     hookpoint: str = ""
     timestep: int | None = None
     model_id: str = ""
@@ -44,8 +47,7 @@ class SaeConfig:
             raise SaeError(f"k must be >= 1, got {self.k}")
         if self.b_dec_init not in B_DEC_INITS:
             raise SaeError(f"b_dec_init={self.b_dec_init!r}; valid: {B_DEC_INITS}")
-        if self.tokens not in TOKEN_MODES:
-            raise SaeError(f"tokens={self.tokens!r}; valid: {TOKEN_MODES}")
+        check_pooling(self.pooling, SAE_POOLINGS, "SaeConfig.pooling", error=SaeError)
         if self.activation != "topk":
             raise SaeError(f"activation={self.activation!r}; only 'topk' is implemented")
         if self.num_latents < 0 or self.expansion_factor < 1 or self.d_in < 0:

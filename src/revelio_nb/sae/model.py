@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..paths import atomic_path, atomic_write_json
+from ..pooling import read_pooling_field
 from .config import SaeConfig, SaeError
 from .kernels import _encode_select, _TopKEncoder, dense_decode, sparse_decode
 
@@ -145,7 +146,7 @@ class SparseAutoencoder(nn.Module):
         c = asdict(self.cfg)
         out = {key: c.get(key, False) for key in _SPARSIFY_KEYS}
         out.update(d_in=self.d_in, num_latents=self.num_latents, k=self.k)
-        out.update({key: c[key] for key in ("normalize_input", "b_dec_init", "tokens", "hookpoint", "timestep",
+        out.update({key: c[key] for key in ("normalize_input", "b_dec_init", "pooling", "hookpoint", "timestep",
                                             "model_id")})
         out.update(input_scale=self.input_scale, layout_version=SAE_LAYOUT_VERSION, weights_act_on="raw features",
                    raw_code_scale=self.input_scale, grid=self.grid, format="sparsify", saved_by="revelio_nb.sae")
@@ -188,7 +189,7 @@ class SparseAutoencoder(nn.Module):
         cfg_path, st_path = folder / "cfg.json", folder / "sae.safetensors"
         if not cfg_path.is_file() or not st_path.is_file():
             raise SaeError(f"{folder} is not an SAE folder (needs cfg.json and sae.safetensors)")
-        raw = json.loads(cfg_path.read_text())
+        raw = read_pooling_field(json.loads(cfg_path.read_text()), old_keys=("tokens",))  # earlier: tokens "spatial"
         if d_in is not None and int(raw["d_in"]) != int(d_in):
             raise SaeError(f"SAE in {folder} has d_in={raw['d_in']} but the features have width {d_in}")
         version = raw.get("layout_version", 1)

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .. import artifacts
 from ..paths import atomic_path, atomic_write_json
+from ..pooling import AUTO, MEAN, TOKENS, read_pooling_field
 from .config import SaeError, TrainConfig
 from .model import SAE_LAYOUT_VERSION, SparseAutoencoder, checkpoint_metadata
 from .source import ArraySource, as_source, batch_tokens
@@ -103,6 +104,14 @@ def _run_signature(cfg: TrainConfig, source: ArraySource) -> dict[str, Any]:
     return {"train_cfg": artifacts.sae_train_identity(cfg), "source": source.fingerprint()}
 
 
+def _read_signature(signature: Any) -> Any:
+    """A run signature read from a checkpoint: one of an earlier version names ``SaeConfig.pooling`` ``tokens``."""
+    sae = signature.get("train_cfg", {}).get("sae") if isinstance(signature, dict) else None
+    if not isinstance(sae, dict):
+        return signature
+    return {**signature, "train_cfg": {**signature["train_cfg"], "sae": read_pooling_field(sae, old_keys=("tokens",))}}
+
+
 def train_sae(source, cfg: TrainConfig, out_dir: str | os.PathLike, *, stop_after: int | None = None,
               init: SparseAutoencoder | None = None, progress: bool = True) -> SparseAutoencoder:
     """Train (or resume, or just load if finished) a k-SAE on ``source`` and keep it in ``out_dir``.
@@ -117,11 +126,11 @@ def train_sae(source, cfg: TrainConfig, out_dir: str | os.PathLike, *, stop_afte
     out_dir = Path(out_dir)
     device = _device(cfg.device)
     sae_cfg = cfg.sae.resolved(source.d_in)
-    kind = "spatial" if source.spatial else "pooled"
-    if sae_cfg.tokens not in ("auto", kind):
-        raise SaeError(f"SaeConfig.tokens={sae_cfg.tokens!r} but the features have shape "
-                       f"{tuple(source.array.shape)} ({kind})")
-    sae_cfg.tokens = kind
+    kind = TOKENS if source.spatial else MEAN
+    if sae_cfg.pooling not in (AUTO, kind):
+        raise SaeError(f"SaeConfig.pooling={sae_cfg.pooling!r} but the features have shape "
+                       f"{tuple(source.array.shape)} (pooling {kind!r})")
+    sae_cfg.pooling = kind
     n = source.n_tokens
     bs = min(cfg.batch_size, n)
     steps = cfg.steps or max(1, math.ceil(cfg.epochs * n / bs))
@@ -143,7 +152,7 @@ def train_sae(source, cfg: TrainConfig, out_dir: str | os.PathLike, *, stop_afte
                                "delete the folder to start over")
             resume_params = {k[6:]: f.get_tensor(k) for k in f.keys() if k.startswith("param.")}
         state = json.loads(meta["train_state"])
-        if state.get("signature") != signature:
+        if _read_signature(state.get("signature")) != signature:
             raise SaeError(f"{out_dir} holds a run with another config or other features; "
                            "use a new out_dir (or delete this one) to start over")
         step = int(meta["step"])
