@@ -11,6 +11,7 @@ from pathlib import Path
 
 import nbformat
 import numpy as np
+import pandas as pd
 import pytest
 
 from revelio_nb import run_markers, run_plan, run_progress, runner
@@ -121,6 +122,11 @@ def test_real_run_shows_progress_without_noise_and_reruns_only_what_changed(tmp_
     stderr = [o for c in loop.cells for o in c.get("outputs", []) if o.get("name") == "stderr"]
     assert len(stderr) == 1 and "\r" not in stderr[0].text  # the saved copy keeps the bar's last state only
     assert not list((out / "notebooks").glob(".*partial*"))
+    cells = pd.read_csv(out / "tables" / "cell_timings.csv")  # where the time went: the toy training loop cell
+    slow = cells.sort_values("seconds").iloc[-1]
+    assert slow.notebook == "00_loop.ipynb" and slow.seconds >= 1.5 and slow.code == "import time"
+    assert set(cells.notebook) == {"00_loop.ipynb", "01_other.ipynb"}
+    assert "slowest cells (tables/cell_timings.csv):" in text and "00_loop.ipynb cell" in text
 
     # rerun: nothing to do
     mtime = (out / "notebooks" / "00_loop.ipynb").stat().st_mtime_ns

@@ -20,8 +20,9 @@ notebook's time and status and the results folder. The kernel talks to the runne
 temporary folder (no TCP, so no "running over TCP without encryption" warning).
 
 Outputs. Executed notebooks land in ``results/<run>/notebooks/`` (written under a temporary name, renamed when the
-notebook ends, ok or failed), each notebook's wall time in ``results/<run>/tables/timings.csv`` and the tables' short
-summary in ``results/<run>/RESULTS.md`` (:mod:`revelio_nb.report`), all written atomically. The run stops at the
+notebook ends, ok or failed), each notebook's wall time in ``results/<run>/tables/timings.csv`` (each code cell's
+in ``cell_timings.csv``) and the tables' short summary in ``results/<run>/RESULTS.md`` (:mod:`revelio_nb.report`),
+all written atomically. The run stops at the
 first failing notebook (later ones build on it), keeping everything already produced.
 
 Reruns. A notebook that finished is recorded in ``results/<run>/.runner/<notebook>.json`` (written atomically after
@@ -156,13 +157,26 @@ def _summary(say: TextIO, table: pd.DataFrame, out: Path, wall: float) -> None:
         say.write(f"  {r.notebook:<45s} {r.seconds:8.1f} s  {r.status}\n")
     ran = table[table.status != "up to date"]
     say.write(f"this run {wall:.1f} s ({len(ran)} notebook(s) executed, {len(table) - len(ran)} up to date)\n")
+    cells_path = out / "tables" / "cell_timings.csv"
+    if cells_path.is_file():
+        from .cell_timings import slowest
+
+        lines = slowest(pd.read_csv(cells_path), n=5)
+        if lines:
+            say.write("slowest cells (tables/cell_timings.csv):\n" + "".join(f"  {ln}\n" for ln in lines))
     say.write(f"results in {out}  (RESULTS.md, tables/, figures/, notebooks/)\n")
     say.flush()
 
 
 def _save_timings(rows: list[dict], out: Path) -> pd.DataFrame:
+    """``tables/timings.csv`` (each notebook's wall time) and ``tables/cell_timings.csv`` (each code cell's seconds,
+    read from the executed copies of the same notebooks: :mod:`revelio_nb.cell_timings`)."""
+    from .cell_timings import run_cell_timings
+
     table = pd.DataFrame(rows)
     atomic_write_text(out / "tables" / "timings.csv", table.to_csv(index=False))
+    cells = run_cell_timings(out / "notebooks", [r["notebook"] for r in rows])
+    atomic_write_text(out / "tables" / "cell_timings.csv", cells.to_csv(index=False))
     return table
 
 
