@@ -315,7 +315,7 @@ def test_readme_results_are_replaced_atomically(tmp_path, monkeypatch):
     new = readme.read_text()
     assert "Notebook wall times" in new and new.endswith("\n\ntail\n")
 
-    monkeypatch.setattr(report, "run_markdown", lambda run_dir: "results \udcff that cannot be encoded")
+    monkeypatch.setattr(report, "run_parts", lambda run_dir: {"timings": "results \udcff that cannot be encoded"})
     assert report.main(["--run", str(run), "--readme", str(readme)]) == 1  # the write failed half-way
     assert readme.read_text() == new
     assert paths.stale_temporaries(readme) == []

@@ -138,3 +138,15 @@ def test_readme_parts_a_partial_run_updates_only_what_it_made(tmp_path, capsys):
     assert "25.5 s 100.0 %  04_p.ipynb cell 3: fit_probes(cfg)" in between(second, "timings")
     with pytest.raises(ValueError, match="unknown results part 'tables'"):
         report.part_markers("tables")
+
+
+def test_a_new_part_goes_before_the_later_parts_the_readme_has(tmp_path):
+    run = tmp_path / "r"
+    (run / "tables").mkdir(parents=True)
+    pd.DataFrame([{"features": "pixels", "method": "pixels (logistic)", "block": "pixels", "t": -1, "val_acc": 0.8,
+                   "test": "79.8 ± 0.0", "n_seeds": 1}]).to_csv(run / "tables" / "probe_summary.csv", index=False)
+    ts, te = report.part_markers("timings")
+    text = f"{report.START}\n{ts}\nold timings\n{te}\n{report.END}\n"
+    out, updated, kept = report.update_readme_results(text, run)
+    assert updated == ["probes"] and kept == ["timings"]
+    assert out.index(report.part_markers("probes")[1]) < out.index(ts) and "old timings" in out

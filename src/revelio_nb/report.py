@@ -244,8 +244,14 @@ def update_readme_results(text: str, run_dir: str | Path) -> tuple[str, list[str
         start, end = part_markers(part)
         if start in section:
             section = replace_section(section, md, (start, end))
+            continue
+        block = f"{start}\n{md.strip()}\n{end}"
+        later = [part_markers(q)[0] for q in PARTS[PARTS.index(part) + 1:] if part_markers(q)[0] in section]
+        if later:  # in PARTS order: before the first later part the README has
+            at = section.index(later[0])
+            section = f"{section[:at]}{block}\n\n{section[at:]}"
         else:
-            section = f"{section.rstrip()}\n\n{start}\n{md.strip()}\n{end}\n"
+            section = f"{section.rstrip()}\n\n{block}\n"
     kept = [p for p in PARTS if p not in parts and part_markers(p)[0] in section]
     return f"{head}{START}{section}{END}{tail}", list(parts), kept
 
