@@ -416,3 +416,26 @@ def test_plots_save_writes_the_table_and_the_figure_under_one_name(tmp_path):
     assert pd.read_csv(tmp_path / "tables" / "06_x.csv").a.tolist() == [1]
     assert (tmp_path / "figures" / "06_x.png").stat().st_size > 0 and (tmp_path / "figures" / "06_y.png").is_file()
     assert not (tmp_path / "tables" / "06_y.csv").exists()
+
+
+def test_rho_interval_plot_draws_an_interval_beside_its_estimate():
+    """A percentile bootstrap interval over a few seeds can exclude the point estimate (smoke runs: 2 seeds);
+    the figure draws it as it is instead of failing on negative error-bar lengths."""
+    from types import SimpleNamespace
+
+    import matplotlib
+    import pandas as pd
+
+    matplotlib.use("Agg")
+    from revelio_nb.directions.plots import plot_rho_intervals
+
+    rho = pd.DataFrame([
+        {"seed_set": "set 1", "attribute": "size", "rho": 0.9, "ci_low": 0.2, "ci_high": 0.6},  # beside the estimate
+        {"seed_set": "set 1", "attribute": "shape", "rho": 0.5, "ci_low": 0.1, "ci_high": 0.8},
+        {"seed_set": "all seed sets", "attribute": "size", "rho": 0.7, "ci_low": 0.5, "ci_high": 0.8},
+        {"seed_set": "all seed sets", "attribute": "shape", "rho": 0.4, "ci_low": 0.3, "ci_high": 0.6}])
+    study = SimpleNamespace(rho=rho, seed_set_labels=["set 1"], label="text s0",
+                            config=SimpleNamespace(attributes=["size", "shape"], sampler="ddim", n_seeds=2, ci=0.9))
+    fig = plot_rho_intervals([study], target=0.8)
+    segments = [seg for coll in fig.axes[0].collections for seg in coll.get_segments()]
+    assert any(abs(seg[0][1] - 0.2) < 1e-9 and abs(seg[1][1] - 0.6) < 1e-9 for seg in segments)

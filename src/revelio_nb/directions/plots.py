@@ -203,8 +203,10 @@ def plot_rho_intervals(studies: Sequence[BiasStudy], target: float | None = 0.8,
                 continue
             x = np.arange(len(attrs)) + (k - len(sets) / 2) * width
             pooled = label == "all seed sets"
-            ax.errorbar(x, g.rho, yerr=[g.rho - g.ci_low, g.ci_high - g.rho], fmt="D" if pooled else "o",
-                        ms=4, capsize=2, color="k" if pooled else None, label=label)
+            # the interval as drawn lines, not errorbar's distances: a percentile bootstrap interval of a few seeds
+            # can lie beside its point estimate (negative distances, which errorbar refuses)
+            (line,) = ax.plot(x, g.rho, "D" if pooled else "o", ms=4, color="k" if pooled else None, label=label)
+            ax.vlines(x, g.ci_low, g.ci_high, color=line.get_color(), lw=1)
         if target is not None:
             ax.axhline(target, ls="--", color="grey", lw=0.8)
         ax.set_xticks(np.arange(len(attrs)))
