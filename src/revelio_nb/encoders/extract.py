@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__, artifacts
+from .. import artifacts
 from ..data import ImageDataset, load_dataset
 from ..features.extract import PRECISIONS, check_store_config, resolve_device, stratified_subset
 from ..features.microbatch import MicroBatch
@@ -83,14 +83,9 @@ def _create_encoder_store(path: Path, cfg: EncoderExtractionConfig, encoder: Vis
         "class_names": ds.class_names,
         "split": cfg.split,
         "image_size": list(encoder.input_size(*hw)),
-        "n_rows": n,
-        "chunk_size": cfg.batch_size,
-        "n_chunks": (n + cfg.batch_size - 1) // cfg.batch_size,
         "arrays": arrays,
-        "package_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    return allocate_store(path, manifest, ds.labels[indices], indices)
+    return allocate_store(path, manifest, ds.labels[indices], indices, cfg.batch_size)
 
 
 @torch.no_grad()

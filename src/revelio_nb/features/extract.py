@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__, artifacts
+from .. import artifacts
 from ..data import ImageDataset, load_dataset
 from ..capture import FeatureCapture, validate_blocks
 from ..models import DiffusionModel, load_model
@@ -174,15 +174,9 @@ def create_store(path: Path, cfg: ExtractionConfig, model: DiffusionModel, ds: I
         "split": cfg.split,
         "image_size": size,
         "noise": model.noise_record(cfg.timesteps, size),  # t -> alpha-bar or flow sigma, model timestep, prediction
-        "n_rows": n,
-        "chunk_size": cfg.batch_size,
-        "n_chunks": (n + cfg.batch_size - 1) // cfg.batch_size,
         "arrays": arrays,
-        "package_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "status": "incomplete",
     }
-    return allocate_store(path, manifest, ds.labels[indices], indices)
+    return allocate_store(path, manifest, ds.labels[indices], indices, cfg.batch_size)
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +35,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 
+from .. import __version__
 from ..paths import atomic_write_json
 from ..pooling import read_pooling_field
 
@@ -273,9 +275,11 @@ class _Writer:
         self._save()
 
 
-def allocate_store(path: Path, manifest: dict[str, Any], labels: np.ndarray, indices: np.ndarray) -> FeatureStore:
+def allocate_store(path: Path, manifest: dict[str, Any], labels: np.ndarray, indices: np.ndarray,
+                   chunk_size: int) -> FeatureStore:
     """Write a new, empty store from its ``manifest`` (``arrays``: file and shape of each array,
-    ``config.store_dtype``); status ``incomplete``. Shared by every kind of feature store.
+    ``config.store_dtype``). Shared by every kind of feature store, it adds the bookkeeping every store has: rows,
+    chunks of ``chunk_size`` rows, package version, creation time and status ``incomplete``.
 
     A previous manifest and progress records in ``path`` are removed first and the manifest is written last, so a
     crash anywhere in here leaves a folder that the next run simply creates again. The disk space is checked
@@ -303,7 +307,8 @@ def allocate_store(path: Path, manifest: dict[str, Any], labels: np.ndarray, ind
     with writing(path, "labels.npy / indices.npy"):
         np.save(path / "labels.npy", labels)
         np.save(path / "indices.npy", indices)
-    manifest = {**manifest, "status": "incomplete"}
+    manifest = {**manifest, "n_rows": n, "chunk_size": int(chunk_size), "n_chunks": -(-n // int(chunk_size)),
+                "package_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "status": "incomplete"}
     with writing(path / "manifest.json", "the manifest"):
         atomic_write_json(path / "manifest.json", manifest)
     return FeatureStore(path, manifest)
