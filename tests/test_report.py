@@ -150,3 +150,28 @@ def test_a_new_part_goes_before_the_later_parts_the_readme_has(tmp_path):
     out, updated, kept = report.update_readme_results(text, run)
     assert updated == ["probes"] and kept == ["timings"]
     assert out.index(report.part_markers("probes")[1]) < out.index(ts) and "old timings" in out
+
+
+def test_readme_parts_can_be_limited_to_the_ones_named(tmp_path, capsys):
+    run = tmp_path / "r"
+    (run / "tables").mkdir(parents=True)
+    pd.DataFrame([{"features": "pixels", "method": "pixels (logistic)", "block": "pixels", "t": -1, "val_acc": 0.8,
+                   "test": "79.8 ± 0.0", "n_seeds": 1}]).to_csv(run / "tables" / "probe_summary.csv", index=False)
+    pd.DataFrame([{"notebook": "04_p.ipynb", "seconds": 30.0, "status": "ok", "profile": "full"}]).to_csv(
+        run / "tables" / "timings.csv", index=False)
+    ts, te = report.part_markers("timings")
+    text = f"{report.START}\n{ts}\nold timings\n{te}\n{report.END}\n"
+    out, updated, kept = report.update_readme_results(text, run, only=["probes"])
+    assert updated == ["probes"] and kept == ["timings"] and "old timings" in out and "79.8 ± 0.0" in out
+    out, updated, _ = report.update_readme_results(text, run)
+    assert updated == ["probes", "timings"] and "old timings" not in out
+    with pytest.raises(ValueError, match=r"\['tables'\] are not among \['probes'"):
+        report.update_readme_results(text, run, only=["tables"])
+    with pytest.raises(FileNotFoundError, match=r"no tables for the README parts \['directions'\]"):
+        report.update_readme_results(text, run, only=["directions"])
+    readme = tmp_path / "README.md"
+    readme.write_text(text)
+    assert report.main(["--run", str(run), "--readme", str(readme), "--parts", "probes"]) == 0
+    assert "kept from earlier runs: timings" in capsys.readouterr().out and "old timings" in readme.read_text()
+    assert report.main(["--run", str(run), "--readme", str(readme), "--parts", "texture"]) == 1
+    assert "'texture'" in capsys.readouterr().err

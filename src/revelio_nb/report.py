@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -229,13 +230,26 @@ def run_markdown(run_dir: str | Path) -> str:
     return "\n\n".join([head, *parts.values()]) + "\n"
 
 
-def update_readme_results(text: str, run_dir: str | Path) -> tuple[str, list[str], list[str]]:
+def update_readme_results(text: str, run_dir: str | Path, only: Sequence[str] | None = None
+                          ) -> tuple[str, list[str], list[str]]:
     """``text`` (a README) with the results parts of this run replaced (or added before the section's end when the
-    README lacks their markers); parts the run has no tables for are kept. Returns (text, updated, kept)."""
+    README lacks their markers); parts the run has no tables for are kept, and so are parts not in ``only`` when it
+    is given (e.g. ``["directions"]`` after re-running notebook 06 alone: the timings of the earlier full run stay).
+    Returns (text, updated, kept)."""
     run_dir = Path(run_dir)
+    if only is not None:
+        bad = [q for q in only if q not in PARTS]
+        if bad or not only:
+            raise ValueError(f"README parts {bad or list(only)} are not among {list(PARTS)}")
     parts = run_parts(run_dir)
     if not parts:
         raise FileNotFoundError(f"no result tables in {run_dir / 'tables'}; run the notebooks first")
+    if only is not None:
+        missing = [q for q in only if q not in parts]
+        if missing:
+            raise FileNotFoundError(f"{run_dir / 'tables'} has no tables for the README parts {missing}; it has "
+                                    f"{list(parts)}")
+        parts = {q: md for q, md in parts.items() if q in only}
     if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
         raise ValueError(f"the README needs exactly one {START} ... {END} pair, in that order")
     head, rest = text.split(START, 1)
@@ -326,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default="default", help="results/<run>/ folder name (or an absolute path)")
     p.add_argument("--readme", default=None, help="a README.md whose results section is replaced")
+    p.add_argument("--parts", default=None, metavar="PART[,PART]",
+                   help=f"with --readme: update only these results parts (of {', '.join(PARTS)}); default: every part "
+                   "the run has tables for")
     p.add_argument("--layout", default=None, metavar="README",
                    help="regenerate the package-layout section of this README from the source tree, and exit")
     a = p.parse_args(argv)
@@ -339,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         run = results_dir(a.run)
         if a.readme:
             readme = Path(a.readme)
-            text, updated, kept = update_readme_results(readme.read_text(encoding="utf-8"), run)
+            only = [q.strip() for q in a.parts.split(",") if q.strip()] if a.parts is not None else None
+            text, updated, kept = update_readme_results(readme.read_text(encoding="utf-8"), run, only)
             atomic_write_text(readme, text)
             print(f"updated the results of {readme}: {', '.join(updated)}"
                   + (f"; kept from earlier runs: {', '.join(kept)}" if kept else ""))
