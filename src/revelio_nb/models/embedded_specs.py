@@ -64,6 +64,12 @@ class EmbeddedSpec:
         return d
 
 
+def comparison_budget() -> DenoiserTrainConfig:
+    """The one training budget of the comparison models (notebook 05) and their reference: 250 steps x batch 64,
+    warm-up 25 (a fresh config per entry)."""
+    return DenoiserTrainConfig(steps=250, batch_size=64, warmup_steps=25)
+
+
 UNET_SMALL = dict(
     block_out_channels=(32, 64, 64),
     layers_per_block=1,
@@ -86,35 +92,35 @@ EMBEDDED_MODELS: dict[str, EmbeddedSpec] = {
     "animals-unet-ref": EmbeddedSpec(
         description="animals-unet's architecture at the comparison budget (250 steps): reference of the comparisons",
         arch_kwargs=dict(UNET_SMALL),
-        train=DenoiserTrainConfig(steps=250, batch_size=64, warmup_steps=25),
+        train=comparison_budget(),
     ),
     "animals-dit": EmbeddedSpec(
         description="unconditional pixel DiTTransformer2DModel (patch 4 as DiT-*/4: 8x8 tokens, 6 blocks, width 96; "
         "~1.2M params like the UNet's 1.11M, ~0.4x its CPU step time) at the comparison budget",
         arch="dit",
         arch_kwargs=dict(num_layers=6, num_attention_heads=4, attention_head_dim=24, patch_size=4),
-        train=DenoiserTrainConfig(steps=250, batch_size=64, warmup_steps=25),
+        train=comparison_budget(),
     ),
     "animals5-unet": EmbeddedSpec(
         description="the reference UNet trained on Animal-MNIST classes 0-4 only (bear, bird, cat, cow, dog); "
         "probed on classes 5-9 it has never seen",
         classes=[0, 1, 2, 3, 4],
         arch_kwargs=dict(UNET_SMALL),
-        train=DenoiserTrainConfig(steps=250, batch_size=64, warmup_steps=25),
+        train=comparison_budget(),
     ),
     "animals-unet-class": EmbeddedSpec(
         description="class-conditional reference UNet (class embedding added to the time embedding; last id = "
         "null class, dropped 10 %); probed with the null class",
         conditioning="class",
         arch_kwargs=dict(UNET_SMALL),
-        train=DenoiserTrainConfig(steps=250, batch_size=64, warmup_steps=25),
+        train=comparison_budget(),
     ),
     "digits-unet": EmbeddedSpec(
         description="reference UNet on sklearn digits (8x8 padded to 16x16), all 10 classes",
         dataset="digits",
         image_size=16,
         arch_kwargs=dict(UNET_SMALL),
-        train=DenoiserTrainConfig(steps=250, batch_size=64, warmup_steps=25),
+        train=comparison_budget(),
     ),
     "digits5-unet": EmbeddedSpec(
         description="reference UNet on sklearn digits 0-4 only (16x16); probed on digits 5-9",
@@ -122,7 +128,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedSpec] = {
         classes=[0, 1, 2, 3, 4],
         image_size=16,
         arch_kwargs=dict(UNET_SMALL),
-        train=DenoiserTrainConfig(steps=250, batch_size=64, warmup_steps=25),
+        train=comparison_budget(),
     ),
     # --- text-conditioned model (Decoding Diffusion issue) ---
     "animals-unet-text": EmbeddedSpec(
@@ -153,7 +159,7 @@ EMBEDDED_MODELS["animals-unet-text-ref"] = replace(
     EMBEDDED_MODELS["animals-unet-text"], dataset="animal-mnist",
     description="the text-conditioned UNet on plain Animal-MNIST at the comparison budget (250 steps): the "
     "language-conditioning entry of the comparisons",
-    train=DenoiserTrainConfig(steps=250, batch_size=64, warmup_steps=25))
+    train=comparison_budget())
 # notebook 06's retrained text model: the same recipe from another training seed (initial weights, batches, noise)
 EMBEDDED_MODELS["animals-unet-text-seed1"] = replace(
     EMBEDDED_MODELS["animals-unet-text"], train=replace(EMBEDDED_MODELS["animals-unet-text"].train, seed=1),
