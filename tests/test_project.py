@@ -106,3 +106,76 @@ def test_package_data_ships_every_non_python_file():
     assert {p.relative_to(package).as_posix() for p in data - shipped} == set()
     assert {"browse/static/page.css", "browse/static/page.js", "browse/static/page.html"} <= {
         p.relative_to(package).as_posix() for p in shipped}
+
+
+def _package_imports(package: Path) -> dict[str, set[str]]:
+    """Module name -> the package modules it imports, at module level or inside functions (a lazy import that only
+    hides a cycle is still a cycle); ``if TYPE_CHECKING:`` imports are left out."""
+    import ast
+
+    def name_of(path: Path) -> str:
+        parts = list(path.relative_to(package.parent).with_suffix("").parts)
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    modules = {name_of(p): p for p in package.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        here = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets: set[str] = set()
+
+        def visit(node, in_type_checking=False):
+            for child in ast.iter_child_nodes(node):
+                skip = in_type_checking or (isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test))
+                if isinstance(child, ast.Import) and not skip:
+                    targets.update(a.name for a in child.names)
+                elif isinstance(child, ast.ImportFrom) and not skip:
+                    base = child.module or ""
+                    if child.level:
+                        up = here.split(".")[: len(here.split(".")) - child.level + 1]
+                        base = ".".join(up + ([child.module] if child.module else []))
+                    # `from pkg import mod` imports the module; `from pkg import name` imports pkg itself
+                    targets.update(f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in child.names)
+                visit(child, skip)
+
+        visit(ast.parse(path.read_text()))
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def dfs(node, path):
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if not state.get(nxt) and (found := dfs(nxt, path)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if not state.get(node) and (found := dfs(node, [])):
+            return found
+    return None
+
+
+def test_import_graph_has_no_cycle(tmp_path):
+    """No module of the package imports, even lazily, a module that imports it back (issue 14)."""
+    assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "one.py").write_text("def f():\n    from .sub import two\n")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "sub" / "two.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .. import one\n")
+    assert _find_cycle(_package_imports(pkg)) is None  # the type-only import back is not a cycle
+    (pkg / "sub" / "two.py").write_text("from ..one import f\n")
+    assert _find_cycle(_package_imports(pkg)) == ["pkg.one", "pkg.sub.two", "pkg.one"]
+
+    graph = _package_imports(REPO / "src" / "revelio_nb")
+    assert len(graph) > 50 and "revelio_nb.models.loading" in graph["revelio_nb.models.sources"]
+    assert _find_cycle(graph) is None, " -> ".join(_find_cycle(graph))

@@ -14,9 +14,10 @@ and returns a :class:`DiffusionModel`. What differs between model families lives
 (:mod:`revelio_nb.models.adapters`): pixel UNet, SD 1.x/2.x/XL and LCM UNets, DiT, PixArt, SD3, FLUX.1, Sana.
 Never ``trust_remote_code``, never pickle.
 
-Layout: :mod:`.core` (the model object), :mod:`.loading` (folders, hub, allow-lists), :mod:`.noise` (noise
-conventions), :mod:`.adapters` (families), :mod:`.embedded_specs` (embedded models' recipes: the registry, cache
-keys, the networks they build), :mod:`.embedded` (training them), :mod:`.random_init` (the random-init control).
+Layout: :mod:`.core` (the model object), :mod:`.sources` (``load_model``: which loader a source goes to),
+:mod:`.loading` (folders, hub, allow-lists), :mod:`.noise` (noise conventions), :mod:`.adapters` (families),
+:mod:`.embedded_specs` (embedded models' recipes: the registry, cache keys, the networks they build),
+:mod:`.embedded` (training them), :mod:`.random_init` (the random-init control).
 """
 
 from __future__ import annotations
@@ -42,12 +43,12 @@ from .loading import (
     hub_patterns,
     load_from_folder,
     load_minilm,
-    load_model,
     load_scheduler,
     minilm_path,
 )
 from .noise import DDPMNoise, FlowNoise
 from .random_init import random_init_model
+from .sources import load_model
 
 _repeat_cond = repeat_cond
 
