@@ -175,3 +175,8 @@ def test_readme_parts_can_be_limited_to_the_ones_named(tmp_path, capsys):
     assert "kept from earlier runs: timings" in capsys.readouterr().out and "old timings" in readme.read_text()
     assert report.main(["--run", str(run), "--readme", str(readme), "--parts", "texture"]) == 1
     assert "'texture'" in capsys.readouterr().err
+    assert report.main(["--run", str(run), "--readme", str(readme), "--parts", ""]) == 1
+    assert "no README parts named; choose from ['probes'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        report.main(["--run", str(run), "--parts", "probes"])
+    assert "--parts only applies with --readme" in capsys.readouterr().err

@@ -3,6 +3,7 @@
     python -m revelio_nb.report --run default                  # print it
     python -m revelio_nb.report --run default --readme README.md   # replace the parts of the README's results
                                                                    # section this run has tables for
+    python -m revelio_nb.report --run dd06 --readme README.md --parts directions   # only the parts named
 
 Sources: ``tables/probe_summary.csv`` and ``comparison_summary.csv`` (notebooks 04 / 05, via
 :func:`results_markdown`; table and column names from :mod:`revelio_nb.probes.columns`), ``06_summary.csv`` and ``06_retrieval.csv`` (notebook 06), ``07_taxonomy_*.csv`` (notebook
@@ -238,9 +239,11 @@ def update_readme_results(text: str, run_dir: str | Path, only: Sequence[str] | 
     Returns (text, updated, kept)."""
     run_dir = Path(run_dir)
     if only is not None:
+        if not only:
+            raise ValueError(f"no README parts named; choose from {list(PARTS)}")
         bad = [q for q in only if q not in PARTS]
-        if bad or not only:
-            raise ValueError(f"README parts {bad or list(only)} are not among {list(PARTS)}")
+        if bad:
+            raise ValueError(f"README parts {bad} are not among {list(PARTS)}")
     parts = run_parts(run_dir)
     if not parts:
         raise FileNotFoundError(f"no result tables in {run_dir / 'tables'}; run the notebooks first")
@@ -346,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layout", default=None, metavar="README",
                    help="regenerate the package-layout section of this README from the source tree, and exit")
     a = p.parse_args(argv)
+    if a.parts is not None and not a.readme:
+        p.error("--parts only applies with --readme (it names the README results parts to update)")
     if a.layout:
         readme = Path(a.layout)
         atomic_write_text(readme, replace_section(readme.read_text(encoding="utf-8"), package_layout_markdown(),
