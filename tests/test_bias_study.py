@@ -439,3 +439,89 @@ def test_rho_interval_plot_draws_an_interval_beside_its_estimate():
     fig = plot_rho_intervals([study], target=0.8)
     segments = [seg for coll in fig.axes[0].collections for seg in coll.get_segments()]
     assert any(abs(seg[0][1] - 0.2) < 1e-9 and abs(seg[1][1] - 0.6) < 1e-9 for seg in segments)
+
+
+# ------------------------------------------------------------------------------------------ where to steer
+
+
+def _fake_steering(monkeypatch, paired: dict[tuple[str, str], tuple[float, int]]):
+    """steer_by_block with scripted selection results: {(attribute, block): (paired rho, monotonic)}; records every
+    steered run (attribute, block, seed) and every prompt-h sampling (block)."""
+    from revelio_nb.directions import steering_blocks as SB
+
+    runs, sampled = [], []
+
+    def fake_steer(model, lat, nouns, attributes, strengths, config, axes="per-step", progress=True):
+        (a,) = attributes
+        assert lat.config["block"] == config.block  # each block is steered along its own axis
+        runs.append((a, config.block, config.seed))
+        rho, mono = paired[(a, config.block)]
+        eff = pd.DataFrame({"attribute": a, "strength": strengths, "mean": np.arange(len(strengths)) * mono,
+                            "monotonic": mono, "rho_value_strength": rho / 2, "rho_paired": rho})
+        return {a: {s: torch.full((len(nouns),), s) for s in strengths}}, eff
+
+    def fake_prompt_h(model, nouns, attributes, config, progress=True):
+        sampled.append(config.block)
+        return prompt_runs.PromptH(["p"], np.zeros((1, 2), np.float32), np.zeros((1, 2), np.float32),
+                                   config={"block": config.block})
+
+    monkeypatch.setattr(SB, "steer_attributes", fake_steer)
+    monkeypatch.setattr(SB, "attribute_prompt_h", fake_prompt_h)
+    lat = prompt_runs.PromptH(["p"], np.zeros((1, 2), np.float32), np.zeros((1, 2), np.float32),
+                              config={"block": "mid_block", "n_seeds": 3, "steps": 4})
+    return runs, sampled, lat
+
+
+def test_steer_by_block_keeps_h_where_it_works_and_moves_on_only_where_it_does_not(monkeypatch):
+    runs, sampled, lat = _fake_steering(monkeypatch, {
+        ("shape", "mid_block"): (0.81, 1), ("shape", "up_blocks.0"): (0.99, 1),  # h works: up_blocks.0 never tried
+        ("size", "mid_block"): (0.45, 1), ("size", "up_blocks.0"): (0.95, 1),  # h too weak
+        ("facing", "mid_block"): (0.90, 0), ("facing", "up_blocks.0"): (0.75, 1),  # h not monotonic
+        ("texture", "mid_block"): (0.30, 1), ("texture", "up_blocks.0"): (0.50, 1),  # none passes: the best
+    })
+    cfg = D.SteerConfig(blocks=["mid_block", "up_blocks.0"], strengths=[1, 0, -1], seed=5)
+    res = D.steer_by_block(object(), lat, NOUNS, ["shape", "size", "facing", "texture"], cfg, progress=False)
+    assert res.blocks() == {"shape": "mid_block", "size": "up_blocks.0", "facing": "up_blocks.0",
+                            "texture": "up_blocks.0"}
+    sel = res.selection.set_index(["attribute", "block"])
+    assert ("shape", "up_blocks.0") not in sel.index and len(sel) == 7
+    assert not sel.loc[("texture", "up_blocks.0"), "passed"] and sel.loc[("texture", "up_blocks.0"), "kept"]
+    assert not sel.loc[("facing", "mid_block"), "passed"] and sel.loc[("facing", "up_blocks.0"), "passed"]
+    # the choice is made on the selection seeds, the kept block measured on separate evaluation seeds
+    select = [r for r in runs if r[2] == 5]
+    evaluate = [r for r in runs if r[2] == 5 + D.steering_blocks.EVALUATION_SEED_OFFSET]
+    assert len(select) == 7 and sorted(evaluate) == sorted((a, b, evaluate[0][2]) for a, b in res.blocks().items())
+    assert res.effects.groupby("attribute")["block"].first().to_dict() == res.blocks()
+    assert sampled == ["up_blocks.0"]  # the later block's prompt h: sampled once, only because it was needed
+    assert list(res.strips["size"]) == [-1.0, 0.0, 1.0]
+    # the summary and the README table say where each attribute was steered
+    s = D.steering_summary(res.effects)
+    assert s.loc["size", "steer_block"] == "up_blocks.0" and s.loc["shape", "steer_block"] == "mid_block"
+    show, _ = R.strip_panels(res.strips, NOUNS, 1, blocks=res.blocks())
+    assert "size @ up_blocks.0: small->large" in show
+
+
+def test_steer_config_names_bad_values():
+    with pytest.raises(ValueError, match="include 0"):
+        D.SteerConfig(strengths=[1.0, 2.0, 3.0]).validate()
+    with pytest.raises(ValueError, match="without repeats"):
+        D.SteerConfig(blocks=["mid_block", "mid_block"]).validate()
+    with pytest.raises(ValueError, match="axes 'diagonal'"):
+        D.SteerConfig(axes="diagonal").validate()
+    with pytest.raises(ValueError, match="min_rho"):
+        D.SteerConfig(min_rho=2.0).validate()
+
+
+def test_steer_by_block_runs_on_a_tiny_pipeline_and_axes_must_match_their_block(sd_model):
+    nouns = ["cat", "dog"]
+    pcfg = D.SampleConfig(n_seeds=1, steps=2)
+    lat = D.attribute_prompt_h(sd_model, nouns, ["size"], pcfg, progress=False)
+    with pytest.raises(ValueError, match="captured at 'mid_block'"):
+        D.steer_attributes(sd_model, lat, nouns, ["size"], [-1.0, 0.0, 1.0],
+                           D.SampleConfig(n_seeds=1, steps=2, block="up_blocks.0"), progress=False)
+    cfg = D.SteerConfig(blocks=["mid_block", "up_blocks.0"], strengths=[-1.0, 0.0, 1.0], n_seeds=1, steps=2,
+                        min_rho=1.0)  # unreachable on random weights: both blocks are tried
+    res = D.steer_by_block(sd_model, lat, nouns, ["size"], cfg, pcfg, progress=False)
+    assert list(res.selection["block"]) == ["mid_block", "up_blocks.0"] and res.selection["kept"].sum() == 1
+    assert set(res.effects["strength"]) == {-1.0, 0.0, 1.0} and res.effects["block"].nunique() == 1
+    assert res.strips["size"][0.0].shape[0] == len(nouns)

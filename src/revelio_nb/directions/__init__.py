@@ -17,7 +17,9 @@ h is the output of the bottleneck block (``mid_block``; a transformer's middle b
 * :mod:`.study`: :func:`bias_study`, the pipeline notebook 06 runs, and its tables (:func:`summary_table`);
 * :mod:`.samplers`: DDIM vs the latent-consistency sampler in the bias study (LCM configs, side-by-side table).
 * :mod:`.readouts`: notebook 06's other steps around the study (attribute prompts, score tables, clusters,
-  words naming directions and SAE latents, steering strip panels).
+  words naming directions and SAE latents, steering strip panels);
+* :mod:`.steering_blocks`: :func:`steer_by_block`, where each attribute is steered (h first, a later block only
+  where h does not move it, chosen on selection seeds and measured on evaluation seeds).
 """
 
 from .prompt_runs import (H_CONDITIONS, PromptH, SampleConfig, generate, prompt_h, step_index,
@@ -38,6 +40,7 @@ from .study import (BiasStudy, BiasStudyConfig, bias_study, config_dict, readout
 from .readouts import (attribute_prompt_h, bias_panels, named_directions, naming_vs_kind, neutral_clusters,
                        ranking_table, readout_table, sae_latent_words, short_prompt, stack_scores, strip_panels)
 from .samplers import lcm_study_config, replicate_studies, sampler_comparison, snap_timesteps
+from .steering_blocks import SteerConfig, SteeringResult, steer_by_block
 
 __all__ = [
     # prompt_runs
@@ -66,4 +69,6 @@ __all__ = [
     "sae_latent_words", "short_prompt", "stack_scores", "strip_panels",
     # samplers
     "lcm_study_config", "replicate_studies", "sampler_comparison", "snap_timesteps",
+    # steering_blocks
+    "SteerConfig", "SteeringResult", "steer_by_block",
 ]

@@ -158,6 +158,12 @@ def steer_attributes(model: DiffusionModel, lat: PromptH, nouns: Sequence[str], 
     if axes not in STEER_AXES:
         raise ValueError(f"axes {axes!r} is not one of {list(STEER_AXES)}")
     cfg = (config or SampleConfig()).validate()
+    resolve = model.resolve_block if hasattr(model, "resolve_block") else (lambda b: b)
+    lat_block = (lat.config or {}).get("block")
+    if lat_block is not None and resolve(lat_block) != resolve(cfg.block):
+        raise ValueError(f"the prompt h were captured at {lat_block!r} but the steering config adds the axis at "
+                         f"{cfg.block!r}: an axis must be added where it was measured (sample the prompts at "
+                         f"{cfg.block!r}, or steer {lat_block!r})")
     kw = {} if template is None else {"template": template}
     prompts = [neutral_prompt(n, **kw) for n in nouns]
     strips, effects = {}, []

@@ -128,10 +128,13 @@ def naming_vs_kind(study: BiasStudy, dataset, h: np.ndarray, sae_named: pd.DataF
 
 
 def strip_panels(strips: dict[str, dict[float, Any]], nouns: Sequence[str], n_seeds: int, every: int = 3,
-                 n_classes: int = 4) -> tuple[dict[str, dict[float, Any]], list[str]]:
+                 n_classes: int = 4, blocks: dict[str, str] | None = None
+                 ) -> tuple[dict[str, dict[float, Any]], list[str]]:
     """A few classes (every ``every``-th, at most ``n_classes``), first seed each, of
-    :func:`~revelio_nb.directions.steer_attributes` strips, keyed "attribute: low->high"; and the class names."""
+    :func:`~revelio_nb.directions.steer_attributes` strips, keyed "attribute: low->high" ("attribute @ block: ..."
+    with ``blocks``, e.g. :meth:`SteeringResult.blocks`); and the class names."""
     pick = list(range(0, len(nouns), every))[:n_classes]
-    show = {f"{a}: {captions.ATTRIBUTES[a].low}->{captions.ATTRIBUTES[a].high}":
+    where = blocks or {}
+    show = {f"{a}{' @ ' + where[a] if a in where else ''}: {captions.ATTRIBUTES[a].low}->{captions.ATTRIBUTES[a].high}":
             {s: imgs[::n_seeds][pick] for s, imgs in by_strength.items()} for a, by_strength in strips.items()}
     return show, [nouns[i] for i in pick]

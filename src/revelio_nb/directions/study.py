@@ -46,7 +46,7 @@ class BiasStudyConfig:
     """Sizes and choices of :func:`bias_study` (defaults: notebook 06's full profile)."""
 
     attributes: list[str] = field(default_factory=lambda: list(C.ATTRIBUTES))
-    n_seeds: int = 128  # paired seeds per neutral prompt in each seed set
+    n_seeds: int = 256  # paired seeds per neutral prompt in each seed set (128: one set of seed 0 dips below 0.8)
     seed_sets: int = 3  # independent seed sets (set r: seeds drawn from seed + 1000 r)
     seed: int = 0
     steps: int = 10  # DDIM steps
@@ -267,8 +267,11 @@ def readout_variants(study: BiasStudy, prompt_pass_h: PromptH | None = None
 
 def steering_summary(effects: pd.DataFrame, column: str = "rho_value_strength") -> pd.DataFrame:
     """Per attribute: whether the measured attribute's mean moves monotonically with strength and rho(strength)
-    (from :func:`~revelio_nb.directions.steering_effect` rows of all attributes)."""
+    (from :func:`~revelio_nb.directions.steering_effect` rows of all attributes), and the block steered when the
+    rows say it (:func:`~revelio_nb.directions.steer_by_block`)."""
     agg = {"steer_monotonic": ("monotonic", "first"), "steer_rho": (column, "first")}
+    if "block" in effects:
+        agg = {"steer_block": ("block", "first"), **agg}
     if "rho_paired" in effects:
         agg["steer_rho_paired"] = ("rho_paired", "first")
     return effects.groupby("attribute", sort=False).agg(**agg)
@@ -282,8 +285,8 @@ def summary_table(studies: Sequence[BiasStudy], steering: dict[str, pd.DataFrame
     first study), ``rho worst seed set``, ``rho all seed sets`` with its interval, ``rho text encoder``, ``rho
     generated images (worst set)``, ``truth range``, and, for a study whose label is a key of ``steering``
     (rows of :func:`~revelio_nb.directions.steering_effect`), ``steer_monotonic`` / ``steer_rho``
-    (/ ``steer_rho_paired``); ``prompt-following d`` from ``following`` (:func:`~revelio_nb.directions.
-    prompt_following`) for the first study's model. Seed sets are numbered ``set 1``, ``set 2``, ... in the columns.
+    (/ ``steer_rho_paired``, / ``steer_block``); ``prompt-following d`` from ``following``
+    (:func:`~revelio_nb.directions.prompt_following`) for the first study's model. Seed sets are numbered ``set 1``, ``set 2``, ... in the columns.
     """
     rows = []
     for k, st in enumerate(studies):
