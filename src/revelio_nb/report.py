@@ -121,8 +121,7 @@ def directions_markdown(run_dir: str | Path) -> str | None:
         cells += [_fmt(r.get("rho worst seed set")),
                   _with_ci(r, "rho all seed sets", "ci_low all seed sets", "ci_high all seed sets"),
                   _fmt(r.get("rho text encoder")), _text(r.get("steer_block")), _yes_no(r.get("steer_monotonic")),
-                  _fmt(r.get("steer_rho")),
-                  _fmt(r.get("steer_rho_paired"))]
+                  _fmt(r.get("steer_rho")), _fmt(r.get("steer_rho_paired"))]
         lines.append("| " + " | ".join(cells) + " |")
     out = "\n".join(lines)
     retrieval = Path(run_dir) / "tables" / "06_retrieval.csv"
@@ -292,8 +291,9 @@ def _directions_part(run_dir: Path) -> str | None:
                 "axes on the frozen text encoder's embeddings; steering = the attribute measured on images "
                 "generated with the attribute's prompt-pair axis added at the steering block (h = mid_block "
                 "first; a later block only where h did not move the attribute on separate selection seeds), on "
-                "evaluation seeds (rho over all images, and paired: each image against its unsteered twin). One row per model (training seed) and sampler (DDIM, and LCM for the "
-                "consistency-distilled model).\n\n" + d)
+                "evaluation seeds (rho over all images, and paired: each image against its unsteered twin). "
+                "One row per model (training seed) and sampler (DDIM, and LCM for the consistency-distilled "
+                "model).\n\n" + d)
     return None
 
 

@@ -134,7 +134,7 @@ def strip_panels(strips: dict[str, dict[float, Any]], nouns: Sequence[str], n_se
     :func:`~revelio_nb.directions.steer_attributes` strips, keyed "attribute: low->high" ("attribute @ block: ..."
     with ``blocks``, e.g. :meth:`SteeringResult.blocks`); and the class names."""
     pick = list(range(0, len(nouns), every))[:n_classes]
-    where = blocks or {}
-    show = {f"{a}{' @ ' + where[a] if a in where else ''}: {captions.ATTRIBUTES[a].low}->{captions.ATTRIBUTES[a].high}":
+    where = {a: f" @ {b}" for a, b in (blocks or {}).items()}
+    show = {f"{a}{where.get(a, '')}: {captions.ATTRIBUTES[a].low}->{captions.ATTRIBUTES[a].high}":
             {s: imgs[::n_seeds][pick] for s, imgs in by_strength.items()} for a, by_strength in strips.items()}
     return show, [nouns[i] for i in pick]

@@ -286,7 +286,8 @@ def summary_table(studies: Sequence[BiasStudy], steering: dict[str, pd.DataFrame
     generated images (worst set)``, ``truth range``, and, for a study whose label is a key of ``steering``
     (rows of :func:`~revelio_nb.directions.steering_effect`), ``steer_monotonic`` / ``steer_rho``
     (/ ``steer_rho_paired``, / ``steer_block``); ``prompt-following d`` from ``following``
-    (:func:`~revelio_nb.directions.prompt_following`) for the first study's model. Seed sets are numbered ``set 1``, ``set 2``, ... in the columns.
+    (:func:`~revelio_nb.directions.prompt_following`) for the first study's model. Seed sets are numbered
+    ``set 1``, ``set 2``, ... in the columns.
     """
     rows = []
     for k, st in enumerate(studies):
