@@ -4,6 +4,8 @@ pipeline end to end on a tiny random text-conditioned pipeline."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -446,19 +448,26 @@ def test_rho_interval_plot_draws_an_interval_beside_its_estimate():
 
 def _fake_steering(monkeypatch, paired: dict[tuple[str, str], tuple[float, int]]):
     """steer_by_block with scripted selection results: {(attribute, block): (paired rho, monotonic)}; records every
-    steered run (attribute, block, seed) and every prompt-h sampling (block)."""
+    steered run (attribute, block, seed), every prompt-h sampling (block) and the unsteered images per seed."""
     from revelio_nb.directions import steering_blocks as SB
 
     runs, sampled = [], []
 
-    def fake_steer(model, lat, nouns, attributes, strengths, config, axes="per-step", progress=True):
+    baselines = {}  # seed -> the unsteered images of that seed set
+
+    def fake_steer(model, lat, nouns, attributes, strengths, config, axes="per-step", progress=True,
+                   unsteered=None):
         (a,) = attributes
         assert lat.config["block"] == config.block  # each block is steered along its own axis
+        # the unsteered images of a seed set are sampled once, then handed back for every attribute and block
+        assert unsteered is baselines.get(config.seed)
         runs.append((a, config.block, config.seed))
         rho, mono = paired[(a, config.block)]
         eff = pd.DataFrame({"attribute": a, "strength": strengths, "mean": np.arange(len(strengths)) * mono,
                             "monotonic": mono, "rho_value_strength": rho / 2, "rho_paired": rho})
-        return {a: {s: torch.full((len(nouns),), s) for s in strengths}}, eff
+        imgs = {s: torch.full((len(nouns),), s) for s in strengths}
+        imgs[0.0] = baselines.setdefault(config.seed, imgs[0.0]) if unsteered is None else unsteered
+        return {a: imgs}, eff
 
     def fake_prompt_h(model, nouns, attributes, config, progress=True):
         sampled.append(config.block)
@@ -469,18 +478,19 @@ def _fake_steering(monkeypatch, paired: dict[tuple[str, str], tuple[float, int]]
     monkeypatch.setattr(SB, "attribute_prompt_h", fake_prompt_h)
     lat = prompt_runs.PromptH(["p"], np.zeros((1, 2), np.float32), np.zeros((1, 2), np.float32),
                               config={"block": "mid_block", "n_seeds": 3, "steps": 4})
-    return runs, sampled, lat
+    return runs, sampled, lat, baselines
 
 
 def test_steer_by_block_keeps_h_where_it_works_and_moves_on_only_where_it_does_not(monkeypatch):
-    runs, sampled, lat = _fake_steering(monkeypatch, {
+    runs, sampled, lat, baselines = _fake_steering(monkeypatch, {
         ("shape", "mid_block"): (0.81, 1), ("shape", "up_blocks.0"): (0.99, 1),  # h works: up_blocks.0 never tried
         ("size", "mid_block"): (0.45, 1), ("size", "up_blocks.0"): (0.95, 1),  # h too weak
         ("facing", "mid_block"): (0.90, 0), ("facing", "up_blocks.0"): (0.75, 1),  # h not monotonic
         ("texture", "mid_block"): (0.30, 1), ("texture", "up_blocks.0"): (0.50, 1),  # none passes: the best
     })
     cfg = D.SteerConfig(blocks=["mid_block", "up_blocks.0"], strengths=[1, 0, -1], seed=5)
-    res = D.steer_by_block(object(), lat, NOUNS, ["shape", "size", "facing", "texture"], cfg, progress=False)
+    model = SimpleNamespace(resolve_block=lambda b: b)
+    res = D.steer_by_block(model, lat, NOUNS, ["shape", "size", "facing", "texture"], cfg, progress=False)
     assert res.blocks() == {"shape": "mid_block", "size": "up_blocks.0", "facing": "up_blocks.0",
                             "texture": "up_blocks.0"}
     sel = res.selection.set_index(["attribute", "block"])
@@ -493,7 +503,8 @@ def test_steer_by_block_keeps_h_where_it_works_and_moves_on_only_where_it_does_n
     assert len(select) == 7 and sorted(evaluate) == sorted((a, b, evaluate[0][2]) for a, b in res.blocks().items())
     assert res.effects.groupby("attribute")["block"].first().to_dict() == res.blocks()
     assert sampled == ["up_blocks.0"]  # the later block's prompt h: sampled once, only because it was needed
-    assert list(res.strips["size"]) == [-1.0, 0.0, 1.0]
+    assert list(res.strips["size"]) == [-1.0, 0.0, 1.0] and len(baselines) == 2
+    assert res.strips["size"][0.0] is res.strips["texture"][0.0]  # one evaluation baseline for all attributes
     # the summary and the README table say where each attribute was steered
     s = D.steering_summary(res.effects)
     assert s.loc["size", "steer_block"] == "up_blocks.0" and s.loc["shape", "steer_block"] == "mid_block"
@@ -525,3 +536,12 @@ def test_steer_by_block_runs_on_a_tiny_pipeline_and_axes_must_match_their_block(
     assert list(res.selection["block"]) == ["mid_block", "up_blocks.0"] and res.selection["kept"].sum() == 1
     assert set(res.effects["strength"]) == {-1.0, 0.0, 1.0} and res.effects["block"].nunique() == 1
     assert res.strips["size"][0.0].shape[0] == len(nouns)
+    # reusing the unsteered images is exact: strength 0 at another block samples the very same images
+    kept = res.effects["block"].iloc[0]
+    other = "mid_block" if kept == "up_blocks.0" else "up_blocks.0"
+    fresh = D.steer(sd_model, [neutral_prompt(n) for n in nouns], np.zeros(1, np.float32), [0.0],
+                    cfg.sample_config(other, evaluation=True), progress=False)[0.0]
+    assert torch.equal(fresh, res.strips["size"][0.0])
+    with pytest.raises(ValueError, match="unsteered holds 1 images"):
+        D.steer(sd_model, ["a cat"] * 2, np.zeros(1, np.float32), [0.0], cfg.sample_config(other, True),
+                progress=False, unsteered=fresh[:1])

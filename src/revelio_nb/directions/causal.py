@@ -124,16 +124,24 @@ def steering(model: DiffusionModel, direction: Any, strength: float = 1.0, block
 
 def steer(model: DiffusionModel, prompts: str | Sequence[str], direction: Any, strengths: Sequence[float],
           config: SampleConfig | None = None, steer_steps: Sequence[int] | None = None,
-          progress: bool = True) -> dict[float, torch.Tensor]:
+          progress: bool = True, unsteered: torch.Tensor | None = None) -> dict[float, torch.Tensor]:
     """Images for each strength: the prompts sampled (paired seeds) with ``strength * direction`` added to h.
 
     Returns {strength: images in [-1, 1] (len(prompts) * n_seeds, C, H, W)}; strength 0 is the unsteered baseline.
+    ``unsteered``: those strength-0 images when the same prompts and config were already sampled (strength 0 adds
+    nothing, whatever the direction or block), reused instead of sampled again.
     """
     cfg = (config or SampleConfig()).validate()
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if unsteered is not None and len(unsteered) != len(prompts) * cfg.n_seeds:
+        raise ValueError(f"unsteered holds {len(unsteered)} images; {len(prompts)} prompts x {cfg.n_seeds} seeds "
+                         f"= {len(prompts) * cfg.n_seeds} expected")
     out = {}
     with SteeringHook(model, direction, 0.0, cfg.block) as hook:
         for s in tqdm(list(strengths), desc="steer", disable=not progress, leave=False):
+            if float(s) == 0.0 and unsteered is not None:
+                out[0.0] = unsteered
+                continue
             hook.strength = float(s)
             out[float(s)] = generate(model, prompts, cfg, steer=hook, steer_steps=steer_steps, progress=False)
     return out
@@ -144,7 +152,7 @@ STEER_AXES = ("per-step", "mean")
 
 def steer_attributes(model: DiffusionModel, lat: PromptH, nouns: Sequence[str], attributes: Sequence[str],
                      strengths: Sequence[float], config: SampleConfig | None = None, axes: str = "per-step",
-                     template: str | None = None, progress: bool = True
+                     template: str | None = None, progress: bool = True, unsteered: torch.Tensor | None = None
                      ) -> tuple[dict[str, dict[float, torch.Tensor]], pd.DataFrame]:
     """The causal check for several attributes: every noun's neutral prompt sampled (``config``, paired seeds) with
     ``strength *`` the attribute's prompt-pair axis added to h, and the attribute measured on the images.
@@ -152,15 +160,15 @@ def steer_attributes(model: DiffusionModel, lat: PromptH, nouns: Sequence[str], 
     The axis is the flattened, unnormalised mean difference of h between the high- and low-word prompts of
     ``lat`` (:func:`attribute_axis`): with ``axes="per-step"`` one per sampling step of ``lat``'s run, added at
     the matching timestep (:func:`attribute_axes_by_step`; strength 1 adds what the words do to h at each step);
-    with ``axes="mean"`` one axis averaged over the steps, added at every step. Returns ({attribute: {strength:
-    images}}, :func:`steering_effect` rows of every attribute).
+    with ``axes="mean"`` one axis averaged over the steps, added at every step. The unsteered images (strength 0)
+    are sampled once for all attributes, or taken from ``unsteered`` (:func:`steer`). Returns ({attribute:
+    {strength: images}}, :func:`steering_effect` rows of every attribute).
     """
     if axes not in STEER_AXES:
         raise ValueError(f"axes {axes!r} is not one of {list(STEER_AXES)}")
     cfg = (config or SampleConfig()).validate()
-    resolve = model.resolve_block if hasattr(model, "resolve_block") else (lambda b: b)
     lat_block = (lat.config or {}).get("block")
-    if lat_block is not None and resolve(lat_block) != resolve(cfg.block):
+    if lat_block is not None and model.resolve_block(lat_block) != model.resolve_block(cfg.block):
         raise ValueError(f"the prompt h were captured at {lat_block!r} but the steering config adds the axis at "
                          f"{cfg.block!r}: an axis must be added where it was measured (sample the prompts at "
                          f"{cfg.block!r}, or steer {lat_block!r})")
@@ -173,7 +181,8 @@ def steer_attributes(model: DiffusionModel, lat: PromptH, nouns: Sequence[str], 
             direction = attribute_axes_by_step(lat, nouns, a, step_timesteps(model, steps), template=template)
         else:
             direction = attribute_axis(lat, nouns, a, form=FLAT, normalise=False, template=template)
-        strips[a] = steer(model, prompts, direction, strengths, cfg, progress=progress)
+        strips[a] = steer(model, prompts, direction, strengths, cfg, progress=progress, unsteered=unsteered)
+        unsteered = strips[a].get(0.0, unsteered)
         effects.append(steering_effect(strips[a], a))
     return strips, pd.concat(effects, ignore_index=True)
 

@@ -95,26 +95,34 @@ def steer_by_block(model: DiffusionModel, lat: PromptH, nouns: Sequence[str], at
     h are sampled with ``prompt_config`` (its ``block`` replaced), only when an attribute reaches them.
     """
     cfg = (config or SteerConfig()).validate()
-    model_block = model.resolve_block if hasattr(model, "resolve_block") else (lambda b: b)
     lat_block = (lat.config or {}).get("block")
     if lat_block is None:
         raise ValueError("the prompt h carry no block in their config; sample them with attribute_prompt_h")
-    lats = {model_block(lat_block): lat}
+    lats = {model.resolve_block(lat_block): lat}
     fields = SampleConfig.__dataclass_fields__
     base = prompt_config or SampleConfig(**{k: v for k, v in lat.config.items() if k in fields})
 
     def lat_at(block: str) -> PromptH:
-        key = model_block(block)
+        key = model.resolve_block(block)
         if key not in lats:
             lats[key] = attribute_prompt_h(model, nouns, attributes, replace(base, block=block), progress=progress)
         return lats[key]
+
+    # strength 0 adds nothing at any block: each seed set's unsteered images are sampled once and reused
+    unsteered: dict[bool, torch.Tensor | None] = {False: None, True: None}
+
+    def run(a: str, block: str, evaluation: bool):
+        imgs, eff = steer_attributes(model, lat_at(block), nouns, [a], cfg.strengths,
+                                     cfg.sample_config(block, evaluation), axes=cfg.axes, progress=progress,
+                                     unsteered=unsteered[evaluation])
+        unsteered[evaluation] = imgs[a][0.0]
+        return imgs[a], eff
 
     tried, strips, effects = [], {}, []
     for a in attributes:
         rows = []
         for block in cfg.blocks:
-            _, eff = steer_attributes(model, lat_at(block), nouns, [a], cfg.strengths,
-                                      cfg.sample_config(block, evaluation=False), axes=cfg.axes, progress=progress)
+            _, eff = run(a, block, evaluation=False)
             row = eff.iloc[0][["attribute", "monotonic", "rho_value_strength", "rho_paired"]].copy()
             row["block"] = block
             rows.append(row)
@@ -127,9 +135,7 @@ def steer_by_block(model: DiffusionModel, lat: PromptH, nouns: Sequence[str], at
         sel["kept"] = np.arange(len(sel)) == best
         tried.append(sel)
         block = sel["block"].iloc[best]
-        imgs, eff = steer_attributes(model, lat_at(block), nouns, [a], cfg.strengths,
-                                     cfg.sample_config(block, evaluation=True), axes=cfg.axes, progress=progress)
-        strips[a] = imgs[a]
+        strips[a], eff = run(a, block, evaluation=True)
         effects.append(eff.assign(block=block))
     selection = pd.concat(tried, ignore_index=True)[["attribute", "block", "monotonic", "rho_value_strength",
                                                       "rho_paired", "passed", "kept"]]
