@@ -256,7 +256,8 @@ def test_bias_study_end_to_end_on_a_tiny_text_pipeline(sd_model, tiny_animals, t
     assert list(scores)[0].startswith("score:") and "text encoder" in scores and len(rho) == len(scores) * len(attrs)
     assert study.retrieval[["top1", "top5"]].apply(lambda c: c.between(0, 1)).all().all()
     # the summary: one row per attribute, every seed set with its interval, the worst, the baseline, steering
-    eff = pd.DataFrame({"attribute": attrs, "monotonic": 1, "rho_value_strength": 0.5, "rho_paired": 0.9})
+    eff = pd.DataFrame({"attribute": attrs * 2, "strength": [-2.0] * 4 + [2.0] * 4, "monotonic": 1,
+                        "rho_value_strength": 0.5, "rho_paired": 0.9})
     from dataclasses import replace
 
     retrained = replace(study, config=replace(study.config, label="tiny, seed 1"))
@@ -264,6 +265,7 @@ def test_bias_study_end_to_end_on_a_tiny_text_pipeline(sd_model, tiny_animals, t
     assert summary.attribute.tolist() == attrs * 2 and summary.sampler.eq("DDIM").all()
     assert summary.model.tolist() == ["tiny"] * 4 + ["tiny, seed 1"] * 4
     assert summary.steer_rho.iloc[:4].eq(0.5).all() and summary.steer_rho.iloc[4:].isna().all()
+    assert summary.steer_strengths.iloc[:4].eq("-2 2").all()
     for k in (1, 2, 3):
         assert {f"rho set {k}", f"ci_low set {k}", f"ci_high set {k}"} <= set(summary.columns)
     assert {"rho worst seed set", "rho all seed sets", "rho text encoder", "steer_rho", "steer_rho_paired"} <= \
@@ -446,9 +448,10 @@ def test_rho_interval_plot_draws_an_interval_beside_its_estimate():
 # ------------------------------------------------------------------------------------------ where to steer
 
 
-def _fake_steering(monkeypatch, paired: dict[tuple[str, str], tuple[float, int]]):
-    """steer_by_block with scripted selection results: {(attribute, block): (paired rho, monotonic)}; records every
-    steered run (attribute, block, seed), every prompt-h sampling (block) and the unsteered images per seed."""
+def _fake_steering(monkeypatch, scripted: dict[tuple, tuple[float, float, int]]):
+    """steer_by_block with scripted selection results: {(attribute, site, scale): (rho over all images, paired rho,
+    monotonic)}; records every steered run (attribute, site, scale, seed), every prompt-h sampling (block) and the
+    unsteered images per seed."""
     from revelio_nb.directions import steering_blocks as SB
 
     runs, sampled = [], []
@@ -458,13 +461,16 @@ def _fake_steering(monkeypatch, paired: dict[tuple[str, str], tuple[float, int]]
     def fake_steer(model, lat, nouns, attributes, strengths, config, axes="per-step", progress=True,
                    unsteered=None):
         (a,) = attributes
-        assert lat.config["block"] == config.block  # each block is steered along its own axis
-        # the unsteered images of a seed set are sampled once, then handed back for every attribute and block
+        assert all(h.config["block"] == b for b, h in lat.items())  # each block is steered along its own axis
+        site = "+".join(lat)
+        assert config.block == next(iter(lat))
+        # the unsteered images of a seed set are sampled once, then handed back for every attribute and site
         assert unsteered is baselines.get(config.seed)
-        runs.append((a, config.block, config.seed))
-        rho, mono = paired[(a, config.block)]
+        scale = max(strengths) / 2.0  # the test's strengths are [-2, 0, 2] x scale
+        runs.append((a, site, scale, config.seed))
+        rho, paired, mono = scripted[(a, site, scale)]
         eff = pd.DataFrame({"attribute": a, "strength": strengths, "mean": np.arange(len(strengths)) * mono,
-                            "monotonic": mono, "rho_value_strength": rho / 2, "rho_paired": rho})
+                            "monotonic": mono, "rho_value_strength": rho, "rho_paired": paired})
         imgs = {s: torch.full((len(nouns),), s) for s in strengths}
         imgs[0.0] = baselines.setdefault(config.seed, imgs[0.0]) if unsteered is None else unsteered
         return {a: imgs}, eff
@@ -482,34 +488,46 @@ def _fake_steering(monkeypatch, paired: dict[tuple[str, str], tuple[float, int]]
 
 
 def test_steer_by_block_keeps_h_where_it_works_and_moves_on_only_where_it_does_not(monkeypatch):
+    h, up0, up01 = "mid_block", "up_blocks.0", "up_blocks.0+up_blocks.1"
     runs, sampled, lat, baselines = _fake_steering(monkeypatch, {
-        ("shape", "mid_block"): (0.81, 1), ("shape", "up_blocks.0"): (0.99, 1),  # h works: up_blocks.0 never tried
-        ("size", "mid_block"): (0.45, 1), ("size", "up_blocks.0"): (0.95, 1),  # h too weak
-        ("facing", "mid_block"): (0.90, 0), ("facing", "up_blocks.0"): (0.75, 1),  # h not monotonic
-        ("texture", "mid_block"): (0.30, 1), ("texture", "up_blocks.0"): (0.50, 1),  # none passes: the best
+        ("shape", h, 1.0): (0.75, 0.81, 1),  # h works at scale 1: nothing else is tried
+        ("size", h, 1.0): (0.30, 0.45, 1), ("size", h, 2.0): (0.40, 0.60, 1),  # h too weak at both scales
+        ("size", up0, 1.0): (0.80, 0.95, 1),
+        ("facing", h, 1.0): (0.90, 0.90, 0), ("facing", h, 2.0): (0.72, 0.75, 1),  # h x1 not monotonic, x2 is
+        # paired alone is not enough: the rho over all images must pass too; up0 + up1 together at x2 gets there
+        ("texture", h, 1.0): (0.10, 0.30, 1), ("texture", h, 2.0): (0.20, 0.50, 1),
+        ("texture", up0, 1.0): (0.43, 0.78, 1), ("texture", up0, 2.0): (0.62, 0.84, 1),
+        ("texture", up01, 1.0): (0.60, 0.84, 1), ("texture", up01, 2.0): (0.75, 0.84, 1),
+        # nothing passes: the monotonic try with the highest floor min(rho, paired), not the highest paired rho
+        ("tilt", h, 1.0): (0.20, 0.99, 0), ("tilt", h, 2.0): (0.10, 0.20, 1), ("tilt", up0, 1.0): (0.50, 0.60, 1),
+        ("tilt", up0, 2.0): (0.30, 0.90, 1), ("tilt", up01, 1.0): (0.40, 0.40, 1), ("tilt", up01, 2.0): (0.1, 0.1, 1),
     })
-    cfg = D.SteerConfig(blocks=["mid_block", "up_blocks.0"], strengths=[1, 0, -1], seed=5)
+    cfg = D.SteerConfig(blocks=[h, up0, up01], strengths=[2, 0, -2], scales=[1, 2], seed=5, min_rho=0.7)
     model = SimpleNamespace(resolve_block=lambda b: b)
-    res = D.steer_by_block(model, lat, NOUNS, ["shape", "size", "facing", "texture"], cfg, progress=False)
-    assert res.blocks() == {"shape": "mid_block", "size": "up_blocks.0", "facing": "up_blocks.0",
-                            "texture": "up_blocks.0"}
-    sel = res.selection.set_index(["attribute", "block"])
-    assert ("shape", "up_blocks.0") not in sel.index and len(sel) == 7
-    assert not sel.loc[("texture", "up_blocks.0"), "passed"] and sel.loc[("texture", "up_blocks.0"), "kept"]
-    assert not sel.loc[("facing", "mid_block"), "passed"] and sel.loc[("facing", "up_blocks.0"), "passed"]
-    # the choice is made on the selection seeds, the kept block measured on separate evaluation seeds
-    select = [r for r in runs if r[2] == 5]
-    evaluate = [r for r in runs if r[2] == 5 + D.steering_blocks.EVALUATION_SEED_OFFSET]
-    assert len(select) == 7 and sorted(evaluate) == sorted((a, b, evaluate[0][2]) for a, b in res.blocks().items())
+    attrs = ["shape", "size", "facing", "texture", "tilt"]
+    res = D.steer_by_block(model, lat, NOUNS, attrs, cfg, progress=False)
+    assert res.blocks() == {"shape": h, "size": up0, "facing": h, "texture": up01, "tilt": up0}
+    assert res.scales() == {"shape": 1.0, "size": 1.0, "facing": 2.0, "texture": 2.0, "tilt": 1.0}
+    sel = res.selection.set_index(["attribute", "block", "scale"])
+    assert len(sel) == 1 + 3 + 2 + 6 + 6 and ("shape", h, 2.0) not in sel.index
+    assert not sel.loc[("texture", up0, 1.0), "passed"]  # paired 0.78 but 0.43 over all images
+    assert sel.loc[("texture", up01, 2.0), "passed"] and sel.loc[("texture", up01, 2.0), "kept"]
+    assert not sel["passed"].xs("tilt").any() and sel.loc[("tilt", up0, 1.0), "kept"]
+    # the choice is made on the selection seeds, the kept try measured on separate evaluation seeds
+    select = [r for r in runs if r[3] == 5]
+    evaluate = [r for r in runs if r[3] == 5 + D.steering_blocks.EVALUATION_SEED_OFFSET]
+    assert len(select) == len(sel)
+    assert sorted(r[:3] for r in evaluate) == sorted((a, res.blocks()[a], res.scales()[a]) for a in attrs)
     assert res.effects.groupby("attribute")["block"].first().to_dict() == res.blocks()
-    assert sampled == ["up_blocks.0"]  # the later block's prompt h: sampled once, only because it was needed
-    assert list(res.strips["size"]) == [-1.0, 0.0, 1.0] and len(baselines) == 2
+    assert sampled == ["up_blocks.0", "up_blocks.1"]  # later blocks' prompt h: sampled once, only when needed
+    assert list(res.strips["texture"]) == [-4.0, 0.0, 4.0] and len(baselines) == 2
     assert res.strips["size"][0.0] is res.strips["texture"][0.0]  # one evaluation baseline for all attributes
-    # the summary and the README table say where each attribute was steered
+    # the summary and the README table say where and how hard each attribute was steered
     s = D.steering_summary(res.effects)
-    assert s.loc["size", "steer_block"] == "up_blocks.0" and s.loc["shape", "steer_block"] == "mid_block"
-    show, _ = R.strip_panels(res.strips, NOUNS, 1, blocks=res.blocks())
-    assert "size @ up_blocks.0: small->large" in show
+    assert s.loc["size", "steer_block"] == up0 and s.loc["shape", "steer_block"] == h
+    assert s.loc["texture", "steer_strengths"] == "-4 0 4" and s.loc["size", "steer_strengths"] == "-2 0 2"
+    show, _ = R.strip_panels({a: res.strips[a] for a in ("size", "texture")}, NOUNS, 1, blocks=res.blocks())
+    assert "size @ up_blocks.0: small->large" in show and "texture @ up_blocks.0+up_blocks.1: plain->textured" in show
 
 
 def test_steer_config_names_bad_values():
@@ -521,6 +539,10 @@ def test_steer_config_names_bad_values():
         D.SteerConfig(axes="diagonal").validate()
     with pytest.raises(ValueError, match="min_rho"):
         D.SteerConfig(min_rho=2.0).validate()
+    with pytest.raises(ValueError, match="site 'up_blocks.0\\+'"):
+        D.SteerConfig(blocks=["up_blocks.0+"]).validate()
+    with pytest.raises(ValueError, match="scales must be positive"):
+        D.SteerConfig(scales=[1.0, 0.0]).validate()
 
 
 def test_steer_by_block_runs_on_a_tiny_pipeline_and_axes_must_match_their_block(sd_model):
@@ -530,8 +552,8 @@ def test_steer_by_block_runs_on_a_tiny_pipeline_and_axes_must_match_their_block(
     with pytest.raises(ValueError, match="captured at 'mid_block'"):
         D.steer_attributes(sd_model, lat, nouns, ["size"], [-1.0, 0.0, 1.0],
                            D.SampleConfig(n_seeds=1, steps=2, block="up_blocks.0"), progress=False)
-    cfg = D.SteerConfig(blocks=["mid_block", "up_blocks.0"], strengths=[-1.0, 0.0, 1.0], n_seeds=1, steps=2,
-                        min_rho=1.0)  # unreachable on random weights: both blocks are tried
+    cfg = D.SteerConfig(blocks=["mid_block", "up_blocks.0"], strengths=[-1.0, 0.0, 1.0], scales=[1.0], n_seeds=1,
+                        steps=2, min_rho=1.0)  # unreachable on random weights: both blocks are tried
     res = D.steer_by_block(sd_model, lat, nouns, ["size"], cfg, pcfg, progress=False)
     assert list(res.selection["block"]) == ["mid_block", "up_blocks.0"] and res.selection["kept"].sum() == 1
     assert set(res.effects["strength"]) == {-1.0, 0.0, 1.0} and res.effects["block"].nunique() == 1

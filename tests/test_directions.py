@@ -123,6 +123,54 @@ def test_steering_hook_adds_exactly_strength_times_direction_and_is_removed(sd_m
         D.SteeringHook(sd_model, direction, block="mid_blok")
 
 
+def test_a_steering_site_adds_each_blocks_own_direction_at_one_strength(sd_model):
+    """{block: direction} steers several blocks together: each block's output moves by strength x its direction."""
+    side = sd_model.native_image_size // sd_model.vae_factor
+    x = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(0))
+    cond = sd_model.conditioning(1, prompts=["a cat"])
+    blocks = ["mid_block", "up_blocks.0"]
+    modules = {b: dict(sd_model.denoiser.named_modules())[b] for b in blocks}
+    seen = {b: [] for b in blocks}
+
+    def run():
+        hs = [m.register_forward_hook(lambda m, a, o, b=b: seen[b].append(o.detach().clone()))
+              for b, m in modules.items()]
+        try:
+            sd_model.denoise(x, 10, cond)
+        finally:
+            for h in hs:
+                h.remove()
+    run()
+    # mid_block is steered; up_blocks.0 gets its own direction on top of what the steered mid_block passes on:
+    # measure each against a run steering the other block alone
+    dirs = {b: torch.randn(seen[b][0].shape[1], generator=torch.Generator().manual_seed(i))
+            for i, b in enumerate(blocks)}
+    hooks = [D.SteeringHook(sd_model, dirs[b], 0.0, b) for b in blocks]
+    with D.SteeringHooks(hooks) as group:
+        group.strength = 1.5
+        assert all(h.strength == 1.5 for h in hooks) and group.blocks == blocks
+        run()
+        group.active = False
+        run()
+    torch.testing.assert_close(seen["mid_block"][1] - seen["mid_block"][0],
+                               1.5 * dirs["mid_block"].view(1, -1, 1, 1).expand_as(seen["mid_block"][0]))
+    with D.steering(sd_model, dirs["mid_block"], 1.5):
+        run()  # mid_block alone: up_blocks.0 then differs from the site's only by its own direction
+    torch.testing.assert_close(seen["up_blocks.0"][1] - seen["up_blocks.0"][3],
+                               1.5 * dirs["up_blocks.0"].view(1, -1, 1, 1).expand_as(seen["up_blocks.0"][0]))
+    torch.testing.assert_close(seen["mid_block"][2], seen["mid_block"][0])  # switched off together
+    assert all(not m._forward_hooks for m in modules.values())
+    with pytest.raises(ValueError, match="steered twice"):
+        D.SteeringHooks([D.SteeringHook(sd_model, dirs["mid_block"]), D.SteeringHook(sd_model, dirs["mid_block"])])
+    # steer() takes the site as a {block: direction} dict
+    cfg = D.SampleConfig(n_seeds=1, steps=2)
+    one = D.steer(sd_model, "a cat", dirs["mid_block"], [2.0], cfg, progress=False)[2.0]
+    site = D.steer(sd_model, "a cat", dirs, [2.0], cfg, progress=False)[2.0]
+    zero_up = {"mid_block": dirs["mid_block"], "up_blocks.0": torch.zeros_like(dirs["up_blocks.0"])}
+    torch.testing.assert_close(D.steer(sd_model, "a cat", zero_up, [2.0], cfg, progress=False)[2.0], one)
+    assert not torch.allclose(site, one)
+
+
 def test_steer_returns_one_batch_per_strength_with_zero_unsteered(sd_model):
     cfg = D.SampleConfig(n_seeds=2, steps=2)
     c = _mid(sd_model)[0]

@@ -17,10 +17,11 @@ def _tables(run):
            "rho set 1": 0.8123, "ci_low set 1": 0.7, "ci_high set 1": 0.9, "rho set 2": 0.85, "ci_low set 2": 0.72,
            "ci_high set 2": 0.93, "rho worst seed set": 0.8123, "rho all seed sets": 0.83,
            "ci_low all seed sets": 0.76, "ci_high all seed sets": 0.9, "rho text encoder": 0.31,
-           "steer_block": "up_blocks.0", "steer_monotonic": 1, "steer_rho": 1.0, "steer_rho_paired": 0.95, "unused": 5}
+           "steer_block": "up_blocks.0+up_blocks.1", "steer_strengths": "-4 -2 0 2 4", "steer_monotonic": 1,
+           "steer_rho": 1.0, "steer_rho_paired": 0.95, "unused": 5}
     second = {**row, "model": "text s1", "attribute": "shape", "rho set 1": 0.5, "ci_low set 1": None,
-              "rho text encoder": None, "steer_block": None, "steer_monotonic": None, "steer_rho": None,
-              "steer_rho_paired": None}
+              "rho text encoder": None, "steer_block": None, "steer_strengths": None, "steer_monotonic": None,
+              "steer_rho": None, "steer_rho_paired": None}
     pd.DataFrame([row, second]).to_csv(t / "06_summary.csv", index=False)
     rt = {"model": "text s0", "t": 0, "step": 9, "n_images": 500, "n_classes": 10, "top1": 0.61, "chance_top1": 0.1,
           "top5": 0.97, "chance_top5": 0.5, "seed_set": "a"}
@@ -41,11 +42,12 @@ def test_run_markdown_collects_every_table(tmp_path):
     md = report.run_markdown(run)
     assert "| diffusion (trained) | diffc | up_blocks.1 @ 25 | 96.7 ± 0.2 | 3 |" in md
     assert ("| model | sampler | attribute | rho set 1 [90 % CI] | rho set 2 [90 % CI] | worst set | all sets [90 % CI] "
-            "| text encoder | steering block | steering monotonic | steering rho | steering rho (paired) |") in md
+            "| text encoder | steering block | steering strengths | steering monotonic | steering rho "
+            "| steering rho (paired) |") in md
     assert ("| text s0 | DDIM | size | 0.81 [0.70, 0.90] | 0.85 [0.72, 0.93] | 0.81 | 0.83 [0.76, 0.90] | 0.31 "
-            "| up_blocks.0 | yes | 1.00 | 0.95 |") in md
+            "| up_blocks.0+up_blocks.1 | -4 -2 0 2 4 | yes | 1.00 | 0.95 |") in md
     assert ("| text s1 | DDIM | shape | 0.50 | 0.85 [0.72, 0.93] | 0.81 | 0.83 [0.76, 0.90] | n/a | n/a | n/a | n/a "
-            "| n/a |") in md
+            "| n/a | n/a |") in md
     assert "mean of 2 seed sets): t=0: 62 % / 98 %, t=300: 20 % / 97 %." in md and "chance 10 % / 50 %" in md
     assert "00 60 s, 01 120 s; total 3.0 min" in md
     assert "unused" not in md

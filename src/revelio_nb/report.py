@@ -112,15 +112,16 @@ def directions_markdown(run_dir: str | Path) -> str | None:
     sets = sorted({int(c.split()[-1]) for c in df.columns if c.startswith("rho set ")})
     ci = "90 % CI"
     head = (["model", "sampler", "attribute"] + [f"rho set {k} [{ci}]" for k in sets]
-            + ["worst set", f"all sets [{ci}]", "text encoder", "steering block", "steering monotonic",
-               "steering rho", "steering rho (paired)"])
+            + ["worst set", f"all sets [{ci}]", "text encoder", "steering block", "steering strengths",
+               "steering monotonic", "steering rho", "steering rho (paired)"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in df.iterrows():
         cells = [str(r.get("model", "")), str(r.get("sampler", "")), str(r["attribute"])]
         cells += [_with_ci(r, f"rho set {k}", f"ci_low set {k}", f"ci_high set {k}") for k in sets]
         cells += [_fmt(r.get("rho worst seed set")),
                   _with_ci(r, "rho all seed sets", "ci_low all seed sets", "ci_high all seed sets"),
-                  _fmt(r.get("rho text encoder")), _text(r.get("steer_block")), _yes_no(r.get("steer_monotonic")),
+                  _fmt(r.get("rho text encoder")), _text(r.get("steer_block")), _text(r.get("steer_strengths")),
+                  _yes_no(r.get("steer_monotonic")),
                   _fmt(r.get("steer_rho")), _fmt(r.get("steer_rho_paired"))]
         lines.append("| " + " | ".join(cells) + " |")
     out = "\n".join(lines)
@@ -290,9 +291,9 @@ def _directions_part(run_dir: Path) -> str | None:
                 "set = the lowest of them; all sets = every seed at once; text encoder = the paper's prompt-pair "
                 "axes on the frozen text encoder's embeddings; steering = the attribute measured on images "
                 "generated with the attribute's prompt-pair axis added at the steering block (h = mid_block "
-                "first; a later block only where h did not move the attribute on separate selection seeds), on "
-                "evaluation seeds (rho over all images, and paired: each image against its unsteered twin). "
-                "One row per model (training seed) and sampler (DDIM, and LCM for the consistency-distilled "
+                "first; later blocks, alone or together, and larger strengths only where h did not move the "
+                "attribute on separate selection seeds), on evaluation seeds (rho over all images, and paired: "
+                "each image against its unsteered twin). One row per model (training seed) and sampler (DDIM, and LCM for the consistency-distilled "
                 "model).\n\n" + d)
     return None
 

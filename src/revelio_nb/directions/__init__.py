@@ -12,7 +12,8 @@ h is the output of the bottleneck block (``mid_block``; a transformer's middle b
   :func:`mirror_axis`;
 * :mod:`.bias`: bias scores, rho against the ground truth, bootstrap intervals over seed sets, the retrieval check,
   what the prompts draw;
-* :mod:`.causal`: :class:`SteeringHook`, :func:`steer`, :func:`steer_attributes`, :func:`steering_effect`;
+* :mod:`.causal`: :class:`SteeringHook`, :class:`SteeringHooks`, :func:`steer`, :func:`steer_attributes`,
+  :func:`steering_effect`;
 * :mod:`.plots`: notebook 06's figures;
 * :mod:`.study`: :func:`bias_study`, the pipeline notebook 06 runs, and its tables (:func:`summary_table`);
 * :mod:`.samplers`: DDIM vs the latent-consistency sampler in the bias study (LCM configs, side-by-side table).
@@ -32,7 +33,7 @@ from .bias import (CENTRES, SCORE_METHODS, bias_scores, bootstrap_rho, caption_a
                    caption_retrieval, cluster_prompts, combine_steps, compare_with_ground_truth,
                    generated_attribute_scores, prompt_following, rho_by_seed_set, score_table, scores_frame,
                    stepwise_rho, truth_matrix)
-from .causal import STEER_AXES, SteeringHook, steer, steer_attributes, steering, steering_effect
+from .causal import STEER_AXES, SteeringHook, SteeringHooks, steer, steer_attributes, steering, steering_effect
 from .plots import (plot_bias_heatmaps, plot_dendrogram, plot_prompt_samples, plot_retrieval, plot_rho_intervals,
                     plot_steering_effect, plot_steering_strips, plot_stepwise_rho, plot_word_bars)
 from .study import (BiasStudy, BiasStudyConfig, bias_study, config_dict, readout_variants, steering_summary,
@@ -57,7 +58,7 @@ __all__ = [
     "generated_attribute_scores", "prompt_following", "rho_by_seed_set", "score_table", "scores_frame",
     "stepwise_rho", "truth_matrix",
     # causal
-    "STEER_AXES", "SteeringHook", "steer", "steer_attributes", "steering", "steering_effect",
+    "STEER_AXES", "SteeringHook", "SteeringHooks", "steer", "steer_attributes", "steering", "steering_effect",
     # plots
     "plot_bias_heatmaps", "plot_dendrogram", "plot_prompt_samples", "plot_retrieval", "plot_rho_intervals",
     "plot_steering_effect", "plot_steering_strips", "plot_stepwise_rho", "plot_word_bars",

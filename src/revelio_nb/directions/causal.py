@@ -1,9 +1,10 @@
 """The causal check: add a direction to h while sampling and measure the attribute on the images.
 
 :class:`SteeringHook` (and the :func:`steering` context) adds ``strength * direction`` to a block's image stream
-(one vector, or one per timestep); :func:`steer` samples prompts at several strengths; :func:`steer_attributes`
-steers every class's neutral prompt along each attribute's prompt-pair axis and :func:`steering_effect` measures
-the attribute on the images with the functions that wrote the captions.
+(one vector, or one per timestep); :class:`SteeringHooks` switches several such hooks together (a **site** of
+several blocks, each with its own direction); :func:`steer` samples prompts at several strengths;
+:func:`steer_attributes` steers every class's neutral prompt along each attribute's prompt-pair axis and
+:func:`steering_effect` measures the attribute on the images with the functions that wrote the captions.
 """
 
 from __future__ import annotations
@@ -116,6 +117,65 @@ class SteeringHook(HookHandles):
         self._t = None
 
 
+class SteeringHooks:
+    """Several :class:`SteeringHook` that act as one: one ``strength`` and one ``active`` switch for all of them
+    (e.g. ``up_blocks.0`` and ``up_blocks.1`` steered together, each along its own direction)."""
+
+    def __init__(self, hooks: Sequence[SteeringHook]):
+        self.hooks = list(hooks)
+        if not self.hooks:
+            raise ValueError("no steering hooks given")
+        blocks = [h.block for h in self.hooks]
+        if len(set(blocks)) != len(blocks):
+            raise ValueError(f"a block is steered twice: {blocks}")
+
+    @property
+    def blocks(self) -> list[str]:
+        return [h.block for h in self.hooks]
+
+    @property
+    def strength(self) -> float:
+        return self.hooks[0].strength
+
+    @strength.setter
+    def strength(self, value: float) -> None:
+        for h in self.hooks:
+            h.strength = float(value)
+
+    @property
+    def active(self) -> bool:
+        return self.hooks[0].active
+
+    @active.setter
+    def active(self, value: bool) -> None:
+        for h in self.hooks:
+            h.active = bool(value)
+
+    def __enter__(self) -> "SteeringHooks":
+        try:
+            for h in self.hooks:
+                h.__enter__()
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+def block_directions(direction: Any, block: str) -> dict[str, Any]:
+    """{block: direction} to steer: a non-empty dict keyed by block **names** (str) steers those blocks together;
+    anything else (a vector, or a {timestep (int): vector} mapping) steers ``block`` alone."""
+    if isinstance(direction, dict) and direction and all(isinstance(k, str) for k in direction):
+        return dict(direction)
+    return {block: direction}
+
+
 @contextmanager
 def steering(model: DiffusionModel, direction: Any, strength: float = 1.0, block: str = "mid_block") -> Iterator[SteeringHook]:
     with SteeringHook(model, direction, strength, block) as hook:
@@ -127,7 +187,9 @@ def steer(model: DiffusionModel, prompts: str | Sequence[str], direction: Any, s
           progress: bool = True, unsteered: torch.Tensor | None = None) -> dict[float, torch.Tensor]:
     """Images for each strength: the prompts sampled (paired seeds) with ``strength * direction`` added to h.
 
-    Returns {strength: images in [-1, 1] (len(prompts) * n_seeds, C, H, W)}; strength 0 is the unsteered baseline.
+    ``direction`` is added at ``config.block``; a {block name: direction} dict instead adds each direction at its
+    block, all at the same strength (:func:`block_directions`). Returns {strength: images in [-1, 1]
+    (len(prompts) * n_seeds, C, H, W)}; strength 0 is the unsteered baseline.
     ``unsteered``: those strength-0 images when the same prompts and config were already sampled (strength 0 adds
     nothing, whatever the direction or block), reused instead of sampled again.
     """
@@ -137,7 +199,8 @@ def steer(model: DiffusionModel, prompts: str | Sequence[str], direction: Any, s
         raise ValueError(f"unsteered holds {len(unsteered)} images; {len(prompts)} prompts x {cfg.n_seeds} seeds "
                          f"= {len(prompts) * cfg.n_seeds} expected")
     out = {}
-    with SteeringHook(model, direction, 0.0, cfg.block) as hook:
+    hooks = [SteeringHook(model, d, 0.0, b) for b, d in block_directions(direction, cfg.block).items()]
+    with SteeringHooks(hooks) as hook:
         for s in tqdm(list(strengths), desc="steer", disable=not progress, leave=False):
             if float(s) == 0.0 and unsteered is not None:
                 out[0.0] = unsteered
@@ -150,9 +213,10 @@ def steer(model: DiffusionModel, prompts: str | Sequence[str], direction: Any, s
 STEER_AXES = ("per-step", "mean")
 
 
-def steer_attributes(model: DiffusionModel, lat: PromptH, nouns: Sequence[str], attributes: Sequence[str],
-                     strengths: Sequence[float], config: SampleConfig | None = None, axes: str = "per-step",
-                     template: str | None = None, progress: bool = True, unsteered: torch.Tensor | None = None
+def steer_attributes(model: DiffusionModel, lat: PromptH | dict[str, PromptH], nouns: Sequence[str],
+                     attributes: Sequence[str], strengths: Sequence[float], config: SampleConfig | None = None,
+                     axes: str = "per-step", template: str | None = None, progress: bool = True,
+                     unsteered: torch.Tensor | None = None
                      ) -> tuple[dict[str, dict[float, torch.Tensor]], pd.DataFrame]:
     """The causal check for several attributes: every noun's neutral prompt sampled (``config``, paired seeds) with
     ``strength *`` the attribute's prompt-pair axis added to h, and the attribute measured on the images.
@@ -160,31 +224,42 @@ def steer_attributes(model: DiffusionModel, lat: PromptH, nouns: Sequence[str], 
     The axis is the flattened, unnormalised mean difference of h between the high- and low-word prompts of
     ``lat`` (:func:`attribute_axis`): with ``axes="per-step"`` one per sampling step of ``lat``'s run, added at
     the matching timestep (:func:`attribute_axes_by_step`; strength 1 adds what the words do to h at each step);
-    with ``axes="mean"`` one axis averaged over the steps, added at every step. The unsteered images (strength 0)
-    are sampled once for all attributes, or taken from ``unsteered`` (:func:`steer`). Returns ({attribute:
-    {strength: images}}, :func:`steering_effect` rows of every attribute).
+    with ``axes="mean"`` one axis averaged over the steps, added at every step. ``lat`` is the attribute prompts' h
+    at ``config.block``, or a {block: prompt h at that block} dict: a site of several blocks steered together,
+    each along its own axis, at the same strength (``config.block`` is then not used). The unsteered images
+    (strength 0) are sampled once for all attributes, or taken from ``unsteered`` (:func:`steer`). Returns
+    ({attribute: {strength: images}}, :func:`steering_effect` rows of every attribute).
     """
     if axes not in STEER_AXES:
         raise ValueError(f"axes {axes!r} is not one of {list(STEER_AXES)}")
     cfg = (config or SampleConfig()).validate()
-    lat_block = (lat.config or {}).get("block")
-    if lat_block is not None and model.resolve_block(lat_block) != model.resolve_block(cfg.block):
-        raise ValueError(f"the prompt h were captured at {lat_block!r} but the steering config adds the axis at "
-                         f"{cfg.block!r}: an axis must be added where it was measured (sample the prompts at "
-                         f"{cfg.block!r}, or steer {lat_block!r})")
+    site = dict(lat) if isinstance(lat, dict) else {cfg.block: lat}
+    if not site:
+        raise ValueError("no prompt h given: pass the attribute prompts' h, or a {block: prompt h} dict")
+    for block, h in site.items():
+        lat_block = (h.config or {}).get("block")
+        if lat_block is not None and model.resolve_block(lat_block) != model.resolve_block(block):
+            raise ValueError(f"the prompt h were captured at {lat_block!r} but the axis would be added at {block!r}: "
+                             f"an axis must be added where it was measured (sample the prompts at {block!r}, or "
+                             f"steer {lat_block!r})")
     kw = {} if template is None else {"template": template}
     prompts = [neutral_prompt(n, **kw) for n in nouns]
     strips, effects = {}, []
     for a in attributes:
-        if axes == "per-step":
-            steps = int((lat.config or {}).get("steps") or len(lat.capture_steps or []))
-            direction = attribute_axes_by_step(lat, nouns, a, step_timesteps(model, steps), template=template)
-        else:
-            direction = attribute_axis(lat, nouns, a, form=FLAT, normalise=False, template=template)
+        direction = {block: _attribute_direction(model, h, nouns, a, axes, template) for block, h in site.items()}
         strips[a] = steer(model, prompts, direction, strengths, cfg, progress=progress, unsteered=unsteered)
         unsteered = strips[a].get(0.0, unsteered)
         effects.append(steering_effect(strips[a], a))
     return strips, pd.concat(effects, ignore_index=True)
+
+
+def _attribute_direction(model: DiffusionModel, lat: PromptH, nouns: Sequence[str], attribute: str, axes: str,
+                         template: str | None) -> Any:
+    """One attribute's steering direction from prompt h: {timestep: axis} per step, or the step-mean axis."""
+    if axes == "per-step":
+        steps = int((lat.config or {}).get("steps") or len(lat.capture_steps or []))
+        return attribute_axes_by_step(lat, nouns, attribute, step_timesteps(model, steps), template=template)
+    return attribute_axis(lat, nouns, attribute, form=FLAT, normalise=False, template=template)
 
 
 def steering_effect(images: dict[float, Any], attribute: str, prompts: Sequence[str] | None = None,

@@ -26,7 +26,7 @@ from ..paths import atomic_path, atomic_write_json
 from ..pooling import H_FORMS, MEAN, check_pooling
 
 if TYPE_CHECKING:
-    from .causal import SteeringHook
+    from .causal import SteeringHook, SteeringHooks
 
 
 H_CONDITIONS = ("prompt", "neutral")
@@ -112,7 +112,7 @@ def generate(
     config: SampleConfig | None = None,
     *,
     on_h: Callable[[int, int, dict[str, torch.Tensor]], None] | None = None,
-    steer: SteeringHook | None = None,
+    steer: SteeringHook | SteeringHooks | None = None,
     steer_steps: Sequence[int] | None = None,
     progress: bool = True,
     desc: str = "sample",
@@ -126,10 +126,10 @@ def generate(
     ``config.block`` in the conditional pass, as a map (n_seeds, C, h, w); ``"mid_block"`` on a transformer means its
     h block) plus ``hs["neutral"]`` (the same block in the neutral-prompt pass on the same x_t) whenever that pass
     runs: under CFG, or when ``h_condition`` asks for it (then it is an extra pass that does not change the images,
-    run only at ``capture_steps`` when they are given). ``steer`` (a registered :class:`SteeringHook`) is switched on
-    only at ``steer_steps`` if given; under CFG it is added in both passes. Models that take guidance as an input
-    (LCM, FLUX-dev) get ``guidance_scale`` there and run no CFG batch; an LCM's re-noising is seeded and paired
-    across prompts like the starting noise.
+    run only at ``capture_steps`` when they are given). ``steer`` (a registered :class:`SteeringHook` or
+    :class:`SteeringHooks`) is switched on only at ``steer_steps`` if given; under CFG it is added in both passes.
+    Models that take guidance as an input (LCM, FLUX-dev) get ``guidance_scale`` there and run no CFG batch; an
+    LCM's re-noising is seeded and paired across prompts like the starting noise.
     """
     from ..capture import image_stream_map
     from ..sampling import denoise_loop

@@ -267,9 +267,12 @@ def readout_variants(study: BiasStudy, prompt_pass_h: PromptH | None = None
 
 def steering_summary(effects: pd.DataFrame, column: str = "rho_value_strength") -> pd.DataFrame:
     """Per attribute: whether the measured attribute's mean moves monotonically with strength and rho(strength)
-    (from :func:`~revelio_nb.directions.steering_effect` rows of all attributes), and the block steered when the
-    rows say it (:func:`~revelio_nb.directions.steer_by_block`)."""
+    (from :func:`~revelio_nb.directions.steering_effect` rows of all attributes), the strengths used
+    (``steer_strengths``, e.g. "-4 -2 0 2 4"), and the site steered when the rows say it
+    (:func:`~revelio_nb.directions.steer_by_block`)."""
     agg = {"steer_monotonic": ("monotonic", "first"), "steer_rho": (column, "first")}
+    if "strength" in effects:
+        agg["steer_strengths"] = ("strength", lambda s: " ".join(f"{v:g}" for v in sorted(set(s))))
     if "block" in effects:
         agg = {"steer_block": ("block", "first"), **agg}
     if "rho_paired" in effects:
@@ -284,8 +287,8 @@ def summary_table(studies: Sequence[BiasStudy], steering: dict[str, pd.DataFrame
     Columns: ``rho <seed set>`` with ``ci_low``/``ci_high <seed set>`` for every seed set (in the order of the
     first study), ``rho worst seed set``, ``rho all seed sets`` with its interval, ``rho text encoder``, ``rho
     generated images (worst set)``, ``truth range``, and, for a study whose label is a key of ``steering``
-    (rows of :func:`~revelio_nb.directions.steering_effect`), ``steer_monotonic`` / ``steer_rho``
-    (/ ``steer_rho_paired``, / ``steer_block``); ``prompt-following d`` from ``following``
+    (rows of :func:`~revelio_nb.directions.steering_effect`), ``steer_monotonic`` / ``steer_rho`` /
+    ``steer_strengths`` (/ ``steer_rho_paired``, / ``steer_block``); ``prompt-following d`` from ``following``
     (:func:`~revelio_nb.directions.prompt_following`) for the first study's model. Seed sets are numbered
     ``set 1``, ``set 2``, ... in the columns.
     """
