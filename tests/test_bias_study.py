@@ -450,8 +450,8 @@ def test_rho_interval_plot_draws_an_interval_beside_its_estimate():
 
 def _fake_steering(monkeypatch, scripted: dict[tuple, tuple[float, float, int]]):
     """steer_by_block with scripted selection results: {(attribute, site, scale): (rho over all images, paired rho,
-    monotonic)}; records every steered run (attribute, site, scale, seed), every prompt-h sampling (block) and the
-    unsteered images per seed."""
+    monotonic)}; records every steered run (attribute, site, scale, seed, the strengths handed back already
+    sampled), every prompt-h sampling (block) and the unsteered images per seed."""
     from revelio_nb.directions import steering_blocks as SB
 
     runs, sampled = [], []
@@ -459,19 +459,20 @@ def _fake_steering(monkeypatch, scripted: dict[tuple, tuple[float, float, int]])
     baselines = {}  # seed -> the unsteered images of that seed set
 
     def fake_steer(model, lat, nouns, attributes, strengths, config, axes="per-step", progress=True,
-                   unsteered=None):
+                   unsteered=None, sampled=None):
         (a,) = attributes
         assert all(h.config["block"] == b for b, h in lat.items())  # each block is steered along its own axis
         site = "+".join(lat)
         assert config.block == next(iter(lat))
         # the unsteered images of a seed set are sampled once, then handed back for every attribute and site
         assert unsteered is baselines.get(config.seed)
-        scale = max(strengths) / 2.0  # the test's strengths are [-2, 0, 2] x scale
-        runs.append((a, site, scale, config.seed))
+        scale = max(strengths) / 2.0  # the test's strengths are [-2, -1, 0, 1, 2] x scale
+        known = sampled[a]
+        runs.append((a, site, scale, config.seed, sorted(known)))
         rho, paired, mono = scripted[(a, site, scale)]
         eff = pd.DataFrame({"attribute": a, "strength": strengths, "mean": np.arange(len(strengths)) * mono,
                             "monotonic": mono, "rho_value_strength": rho, "rho_paired": paired})
-        imgs = {s: torch.full((len(nouns),), s) for s in strengths}
+        imgs = {s: known.get(s, torch.full((len(nouns),), s)) for s in strengths}
         imgs[0.0] = baselines.setdefault(config.seed, imgs[0.0]) if unsteered is None else unsteered
         return {a: imgs}, eff
 
@@ -502,7 +503,7 @@ def test_steer_by_block_keeps_h_where_it_works_and_moves_on_only_where_it_does_n
         ("tilt", h, 1.0): (0.20, 0.99, 0), ("tilt", h, 2.0): (0.10, 0.20, 1), ("tilt", up0, 1.0): (0.50, 0.60, 1),
         ("tilt", up0, 2.0): (0.30, 0.90, 1), ("tilt", up01, 1.0): (0.40, 0.40, 1), ("tilt", up01, 2.0): (0.1, 0.1, 1),
     })
-    cfg = D.SteerConfig(blocks=[h, up0, up01], strengths=[2, 0, -2], scales=[1, 2], seed=5, min_rho=0.7)
+    cfg = D.SteerConfig(blocks=[h, up0, up01], strengths=[2, 1, 0, -1, -2], scales=[1, 2], seed=5, min_rho=0.7)
     model = SimpleNamespace(resolve_block=lambda b: b)
     attrs = ["shape", "size", "facing", "texture", "tilt"]
     res = D.steer_by_block(model, lat, NOUNS, attrs, cfg, progress=False)
@@ -520,12 +521,16 @@ def test_steer_by_block_keeps_h_where_it_works_and_moves_on_only_where_it_does_n
     assert sorted(r[:3] for r in evaluate) == sorted((a, res.blocks()[a], res.scales()[a]) for a in attrs)
     assert res.effects.groupby("attribute")["block"].first().to_dict() == res.blocks()
     assert sampled == ["up_blocks.0", "up_blocks.1"]  # later blocks' prompt h: sampled once, only when needed
-    assert list(res.strips["texture"]) == [-4.0, 0.0, 4.0] and len(baselines) == 2
+    assert list(res.strips["texture"]) == [-4.0, -2.0, 0.0, 2.0, 4.0] and len(baselines) == 2
+    # a try at x2 gets back what x1 sampled at the same site on the same seeds (x2 of 1 = x1 of 2); nothing else does
+    for a, site, scale, seed, known in runs:
+        again = seed == 5 and scale == 2.0  # (the x1 try at a site always comes first)
+        assert known == ([-2.0, -1.0, 0.0, 1.0, 2.0] if again else []), (a, site, scale, seed)
     assert res.strips["size"][0.0] is res.strips["texture"][0.0]  # one evaluation baseline for all attributes
     # the summary and the README table say where and how hard each attribute was steered
     s = D.steering_summary(res.effects)
     assert s.loc["size", "steer_block"] == up0 and s.loc["shape", "steer_block"] == h
-    assert s.loc["texture", "steer_strengths"] == "-4 0 4" and s.loc["size", "steer_strengths"] == "-2 0 2"
+    assert s.loc["texture", "steer_strengths"] == "-4 -2 0 2 4" and s.loc["size", "steer_strengths"] == "-2 -1 0 1 2"
     show, _ = R.strip_panels({a: res.strips[a] for a in ("size", "texture")}, NOUNS, 1, blocks=res.blocks())
     assert "size @ up_blocks.0: small->large" in show and "texture @ up_blocks.0+up_blocks.1: plain->textured" in show
 
@@ -564,6 +569,6 @@ def test_steer_by_block_runs_on_a_tiny_pipeline_and_axes_must_match_their_block(
     fresh = D.steer(sd_model, [neutral_prompt(n) for n in nouns], np.zeros(1, np.float32), [0.0],
                     cfg.sample_config(other, evaluation=True), progress=False)[0.0]
     assert torch.equal(fresh, res.strips["size"][0.0])
-    with pytest.raises(ValueError, match="unsteered holds 1 images"):
+    with pytest.raises(ValueError, match=r"sampled\[0\] holds 1 images"):
         D.steer(sd_model, ["a cat"] * 2, np.zeros(1, np.float32), [0.0], cfg.sample_config(other, True),
-                progress=False, unsteered=fresh[:1])
+                progress=False, sampled={0.0: fresh[:1]})

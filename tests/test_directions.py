@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from revelio_nb import directions as D
-from revelio_nb.directions import prompt_runs, word_maps
+from revelio_nb.directions import causal, prompt_runs, word_maps
 from revelio_nb.captions import attribute_prompt, neutral_prompt
 
 
@@ -171,13 +171,24 @@ def test_a_steering_site_adds_each_blocks_own_direction_at_one_strength(sd_model
     assert not torch.allclose(site, one)
 
 
-def test_steer_returns_one_batch_per_strength_with_zero_unsteered(sd_model):
+def test_steer_returns_one_batch_per_strength_with_zero_unsteered(sd_model, monkeypatch):
     cfg = D.SampleConfig(n_seeds=2, steps=2)
     c = _mid(sd_model)[0]
     out = D.steer(sd_model, "a cat", np.ones(c, np.float32), [-5.0, 0.0, 5.0], cfg, progress=False)
     assert sorted(out) == [-5.0, 0.0, 5.0]
     torch.testing.assert_close(out[0.0], D.generate(sd_model, ["a cat"], cfg, progress=False))
     assert not torch.allclose(out[5.0], out[0.0])
+    # each strength is sampled on its own: alone, it gives the very images it gives beside others, so images
+    # already sampled at a strength can be handed back (``sampled``) instead of being sampled again
+    alone = D.steer(sd_model, "a cat", np.ones(c, np.float32), [5.0], cfg, progress=False)[5.0]
+    assert torch.equal(alone, out[5.0])
+    calls, real = [], causal.generate
+    monkeypatch.setattr(causal, "generate", lambda *a, **k: calls.append(k["steer"].strength) or real(*a, **k))
+    again = D.steer(sd_model, "a cat", np.ones(c, np.float32), [-5.0, 0.0, 5.0], cfg, progress=False,
+                    sampled={5.0: out[5.0], 0.0: out[0.0]})
+    assert calls == [-5.0] and again[5.0] is out[5.0] and torch.equal(again[-5.0], out[-5.0])
+    with pytest.raises(ValueError, match=r"sampled\[5\] holds 1 images"):
+        D.steer(sd_model, "a cat", np.ones(c, np.float32), [5.0], cfg, progress=False, sampled={5.0: alone[:1]})
 
 
 # ------------------------------------------------------------------------------------------ synthetic checks

@@ -293,8 +293,8 @@ def _directions_part(run_dir: Path) -> str | None:
                 "generated with the attribute's prompt-pair axis added at the steering block (h = mid_block "
                 "first; later blocks, alone or together, and larger strengths only where h did not move the "
                 "attribute on separate selection seeds), on evaluation seeds (rho over all images, and paired: "
-                "each image against its unsteered twin). One row per model (training seed) and sampler (DDIM, and LCM for the consistency-distilled "
-                "model).\n\n" + d)
+                "each image against its unsteered twin). One row per model (training seed) and sampler (DDIM, "
+                "and LCM for the consistency-distilled model).\n\n" + d)
     return None
 
 

@@ -184,26 +184,29 @@ def steering(model: DiffusionModel, direction: Any, strength: float = 1.0, block
 
 def steer(model: DiffusionModel, prompts: str | Sequence[str], direction: Any, strengths: Sequence[float],
           config: SampleConfig | None = None, steer_steps: Sequence[int] | None = None,
-          progress: bool = True, unsteered: torch.Tensor | None = None) -> dict[float, torch.Tensor]:
+          progress: bool = True, sampled: dict[float, torch.Tensor] | None = None) -> dict[float, torch.Tensor]:
     """Images for each strength: the prompts sampled (paired seeds) with ``strength * direction`` added to h.
 
     ``direction`` is added at ``config.block``; a {block name: direction} dict instead adds each direction at its
     block, all at the same strength (:func:`block_directions`). Returns {strength: images in [-1, 1]
     (len(prompts) * n_seeds, C, H, W)}; strength 0 is the unsteered baseline.
-    ``unsteered``: those strength-0 images when the same prompts and config were already sampled (strength 0 adds
-    nothing, whatever the direction or block), reused instead of sampled again.
+    ``sampled``: {strength: images} already sampled with the same prompts, direction and config, reused instead of
+    sampled again (each strength is sampled on its own, so its images depend on nothing else; strength 0 adds
+    nothing, so its images hold for any direction or block).
     """
     cfg = (config or SampleConfig()).validate()
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if unsteered is not None and len(unsteered) != len(prompts) * cfg.n_seeds:
-        raise ValueError(f"unsteered holds {len(unsteered)} images; {len(prompts)} prompts x {cfg.n_seeds} seeds "
-                         f"= {len(prompts) * cfg.n_seeds} expected")
+    sampled = {float(s): x for s, x in (sampled or {}).items()}
+    for s, x in sampled.items():
+        if len(x) != len(prompts) * cfg.n_seeds:
+            raise ValueError(f"sampled[{s:g}] holds {len(x)} images; {len(prompts)} prompts x {cfg.n_seeds} seeds "
+                             f"= {len(prompts) * cfg.n_seeds} expected")
     out = {}
     hooks = [SteeringHook(model, d, 0.0, b) for b, d in block_directions(direction, cfg.block).items()]
     with SteeringHooks(hooks) as hook:
         for s in tqdm(list(strengths), desc="steer", disable=not progress, leave=False):
-            if float(s) == 0.0 and unsteered is not None:
-                out[0.0] = unsteered
+            if float(s) in sampled:
+                out[float(s)] = sampled[float(s)]
                 continue
             hook.strength = float(s)
             out[float(s)] = generate(model, prompts, cfg, steer=hook, steer_steps=steer_steps, progress=False)
@@ -216,7 +219,8 @@ STEER_AXES = ("per-step", "mean")
 def steer_attributes(model: DiffusionModel, lat: PromptH | dict[str, PromptH], nouns: Sequence[str],
                      attributes: Sequence[str], strengths: Sequence[float], config: SampleConfig | None = None,
                      axes: str = "per-step", template: str | None = None, progress: bool = True,
-                     unsteered: torch.Tensor | None = None
+                     unsteered: torch.Tensor | None = None,
+                     sampled: dict[str, dict[float, torch.Tensor]] | None = None
                      ) -> tuple[dict[str, dict[float, torch.Tensor]], pd.DataFrame]:
     """The causal check for several attributes: every noun's neutral prompt sampled (``config``, paired seeds) with
     ``strength *`` the attribute's prompt-pair axis added to h, and the attribute measured on the images.
@@ -227,7 +231,8 @@ def steer_attributes(model: DiffusionModel, lat: PromptH | dict[str, PromptH], n
     with ``axes="mean"`` one axis averaged over the steps, added at every step. ``lat`` is the attribute prompts' h
     at ``config.block``, or a {block: prompt h at that block} dict: a site of several blocks steered together,
     each along its own axis, at the same strength (``config.block`` is then not used). The unsteered images
-    (strength 0) are sampled once for all attributes, or taken from ``unsteered`` (:func:`steer`). Returns
+    (strength 0) are sampled once for all attributes, or taken from ``unsteered``; ``sampled`` ({attribute:
+    {strength: images}}, from the same ``lat``, nouns and config) are reused too (:func:`steer`). Returns
     ({attribute: {strength: images}}, :func:`steering_effect` rows of every attribute).
     """
     if axes not in STEER_AXES:
@@ -247,7 +252,8 @@ def steer_attributes(model: DiffusionModel, lat: PromptH | dict[str, PromptH], n
     strips, effects = {}, []
     for a in attributes:
         direction = {block: _attribute_direction(model, h, nouns, a, axes, template) for block, h in site.items()}
-        strips[a] = steer(model, prompts, direction, strengths, cfg, progress=progress, unsteered=unsteered)
+        known = {**(sampled or {}).get(a, {}), **({} if unsteered is None else {0.0: unsteered})}
+        strips[a] = steer(model, prompts, direction, strengths, cfg, progress=progress, sampled=known)
         unsteered = strips[a].get(0.0, unsteered)
         effects.append(steering_effect(strips[a], a))
     return strips, pd.concat(effects, ignore_index=True)

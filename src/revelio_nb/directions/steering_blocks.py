@@ -154,14 +154,18 @@ def steer_by_block(model: DiffusionModel, lat: PromptH, nouns: Sequence[str], at
             out[block] = lats[key]
         return out
 
-    # strength 0 adds nothing at any block: each seed set's unsteered images are sampled once and reused
+    # strength 0 adds nothing at any block: each seed set's unsteered images are sampled once and reused; a strength
+    # that a smaller scale already sampled at the same site (x2 of 1 is x1 of 2) is reused too
     unsteered: dict[bool, torch.Tensor | None] = {False: None, True: None}
+    done: dict[tuple[bool, str, str], dict[float, torch.Tensor]] = {}
 
     def run(a: str, site: str, scale: float, evaluation: bool):
+        known = done.setdefault((evaluation, a, site), {})
         imgs, eff = steer_attributes(model, site_lat(site), nouns, [a], [s * scale for s in cfg.strengths],
                                      cfg.sample_config(site, evaluation), axes=cfg.axes, progress=progress,
-                                     unsteered=unsteered[evaluation])
+                                     unsteered=unsteered[evaluation], sampled={a: known})
         unsteered[evaluation] = imgs[a][0.0]
+        known.update(imgs[a])
         return imgs[a], eff
 
     tried, strips, effects = [], {}, []
